@@ -1,0 +1,532 @@
+"""VMRNN in one file: Vision Mamba + LSTM for spatiotemporal forecasting.
+
+A reference implementation of
+
+    Tang, Dong, Tang, Chu, Liang. "VMRNN: Integrating Vision Mamba and LSTM for Efficient and
+    Accurate Spatiotemporal Forecasting", CVPR Workshops 2024.  https://arxiv.org/abs/2403.16536
+
+built on VMamba's SS2D ("v0", Liu et al. 2024, https://arxiv.org/abs/2401.10166) and Mamba's
+selective scan (S6, Gu & Dao 2023, https://arxiv.org/abs/2312.00752). It computes the same function
+as the authors' code (github.com/yyyujintang/VMRNN-PyTorch) and loads their weights
+(`load_official_state_dict`), but needs no CUDA extension: the scan is plain PyTorch, and the
+mamba-ssm kernel is used only if it is installed and the tensors are on a GPU.
+
+Contents, in the order the paper builds the model (bottom-up):
+
+    1. Selective scan (S6)        Mamba Alg. 2, VMRNN Fig. 2(c), Eq. (8)   selective_scan
+    2. Cross-scan / cross-merge   VMRNN Eqs. (7), (9)                      cross_scan, cross_merge
+    3. SS2D                       VMRNN Fig. 2(c)                          SS2D
+    4. VSS block                  VMRNN Fig. 2(b)                          VSSBlock
+    5. VMRNN cell                 VMRNN Eqs. (4)-(6), Fig. 2(a)            VMRNNCell
+    6. VMRNN-B and VMRNN-D        VMRNN Fig. 3, Table 1                    VMRNN_B, VMRNN_D, paper_model
+    7. Loading the authors' weights                                         load_official_state_dict
+
+Glossary of axis letters (used in every shape comment):
+
+    b   batch                     t   frame index of a sequence
+    H W patch grid (image / p)    l   = H*W tokens, the length of one scan
+    c   model width (embed_dim)   d   inner width of SS2D (= 2c); in the scan, all k*d channels
+    n   SSM state size (d_state)  k   = 4 scan directions
+    r   rank of the step-size projection (dt_rank = ceil(c / 16))
+    g   groups of channels that share the SSM's B and C (g = k in SS2D)
+
+Letter clashes: the SSM's matrices A, B, C, D are always written as SSM parameters (`A`, `B`, `C`,
+`D`) and never mean batch or channels; the LSTM-style cell state and hidden state are `c_state`,
+`h_state` (paper: C_t, H_t), never the SSM state, which is `h` inside the scan only.
+
+Where the paper and the authors' code differ, this file follows the code (it produced the published
+numbers and checkpoint) and offers the paper's form; each place is marked `Note:`.
+"""
+
+import math
+import re
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+# --------------------------------------------------------------------------------------------------
+# 1. Selective scan (S6): Mamba Alg. 2, VMRNN Eq. (8)
+# --------------------------------------------------------------------------------------------------
+
+def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                   return_last_state=False, *, backend="auto"):
+    """Temporary sequential scan (replaced by the parallel scan)."""
+    dtype = torch.float64 if u.dtype == torch.float64 else torch.float32
+    u, delta, A, B, C = (t.to(dtype) for t in (u, delta, A, B, C))
+    if delta_bias is not None:
+        delta = delta + delta_bias.to(dtype)[:, None]
+    if delta_softplus:
+        delta = F.softplus(delta)
+    b, d, l = u.shape
+    if B.dim() == 3:
+        B, C = B.unsqueeze(1), C.unsqueeze(1)
+    g = B.shape[1]
+    B = B.repeat_interleave(d // g, dim=1)  # (b, d, n, l)
+    C = C.repeat_interleave(d // g, dim=1)
+    h = u.new_zeros(b, d, A.shape[1])
+    ys = []
+    for i in range(l):
+        h = torch.exp(delta[:, :, i, None] * A) * h + (delta[:, :, i] * u[:, :, i])[..., None] * B[..., i]
+        ys.append((h * C[..., i]).sum(-1))
+    y = torch.stack(ys, dim=-1)
+    if D is not None:
+        y = y + u * D.to(dtype)[:, None]
+    if z is not None:
+        y = y * F.silu(z.to(dtype))
+    return (y, h) if return_last_state else y
+
+
+# --------------------------------------------------------------------------------------------------
+# 2. Cross-scan and cross-merge: VMRNN Eqs. (7) and (9)
+# --------------------------------------------------------------------------------------------------
+
+def cross_scan(x):
+    """Unfold a feature map into the four scan orders of SS2D ("scan expand", Eq. 7).
+
+    x (b, d, H, W) -> (b, k=4, d, l): row-major (h, w), column-major (w, h), and both reversed.
+    """
+    rows = x.flatten(2)                                  # (b, d, l)  order (h, w)
+    cols = x.transpose(2, 3).flatten(2)                  # (b, d, l)  order (w, h)
+    xs = torch.stack([rows, cols], dim=1)                # (b, 2, d, l)
+    return torch.cat([xs, xs.flip(-1)], dim=1)           # (b, 4, d, l)           eq (7)
+
+
+def cross_merge(ys, H, W):
+    """Fold the four scanned sequences back onto the grid and sum them ("scan merge", Eq. 9).
+
+    ys (b, k=4, d, l) -> (b, d, l) in row-major order. cross_merge(cross_scan(x)) == 4 * x.
+    """
+    b, _, d, l = ys.shape
+    ys = ys[:, :2] + ys[:, 2:].flip(-1)                  # (b, 2, d, l)  undo the reversals
+    rows, cols = ys.unbind(1)                            # (b, d, l) each
+    cols = cols.view(b, d, W, H).transpose(2, 3)         # (b, d, H, W)  undo the transposition
+    return rows + cols.flatten(2)                        # (b, d, l)              eq (9)
+
+
+# --------------------------------------------------------------------------------------------------
+# 3. SS2D: VMRNN Fig. 2(c) (VMamba's 2D selective scan, "v0")
+# --------------------------------------------------------------------------------------------------
+
+class SS2D(nn.Module):
+    """2D selective scan: in_proj -> depthwise conv -> 4-direction S6 -> merge -> norm, gate, out_proj.
+
+    x (b, H, W, c) -> (b, H, W, c). Parameter names are VMamba's (x_proj_weight, dt_projs_weight,
+    dt_projs_bias, A_logs, Ds, ...), so the authors' checkpoints load without renaming them. The
+    per-direction projections are stacked along a leading k axis instead of four modules.
+    """
+
+    def __init__(self, d_model, d_state=16, d_conv=3, expand=2, dropout=0.0, scan_backend="auto"):
+        super().__init__()
+        k = 4
+        self.d_state = d_state
+        self.d_inner = d_inner = expand * d_model
+        self.dt_rank = dt_rank = math.ceil(d_model / 16)
+        self.scan_backend = scan_backend
+
+        self.in_proj = nn.Linear(d_model, 2 * d_inner, bias=False)
+        self.conv2d = nn.Conv2d(d_inner, d_inner, d_conv, padding=(d_conv - 1) // 2, groups=d_inner)
+        # Per direction: x -> (dt, B, C), then dt (rank r) -> delta (d channels).
+        self.x_proj_weight = nn.Parameter(torch.empty(k, dt_rank + 2 * d_state, d_inner))
+        self.dt_projs_weight = nn.Parameter(torch.empty(k, d_inner, dt_rank))
+        self.dt_projs_bias = nn.Parameter(torch.empty(k, d_inner))
+        self.A_logs = nn.Parameter(torch.empty(k * d_inner, d_state))   # A = -exp(A_logs)
+        self.Ds = nn.Parameter(torch.empty(k * d_inner))
+        self.out_norm = nn.LayerNorm(d_inner)
+        self.out_proj = nn.Linear(d_inner, d_model, bias=False)
+        self.dropout = nn.Dropout(dropout)
+        self.reset_ssm_parameters()
+
+    @torch.no_grad()
+    def reset_ssm_parameters(self, dt_min=1e-3, dt_max=0.1, dt_floor=1e-4):
+        """Mamba's initialisation (SPEC §2): S4D-real A, D = 1, dt log-uniform in [dt_min, dt_max]."""
+        # x_proj_weight: what nn.Linear(d_inner, r + 2n) would draw, U(-1/sqrt(d), 1/sqrt(d)).
+        nn.init.uniform_(self.x_proj_weight, -self.d_inner ** -0.5, self.d_inner ** -0.5)
+        nn.init.uniform_(self.dt_projs_weight, -self.dt_rank ** -0.5, self.dt_rank ** -0.5)
+        log_dt = torch.empty_like(self.dt_projs_bias).uniform_(math.log(dt_min), math.log(dt_max))
+        dt = log_dt.exp().clamp(min=dt_floor)
+        self.dt_projs_bias.copy_(dt + torch.log(-torch.expm1(-dt)))     # softplus^-1(dt)
+        n = torch.arange(1, self.d_state + 1, dtype=torch.float32)
+        self.A_logs.copy_(torch.log(n).expand_as(self.A_logs))          # A[:, n] = -(n + 1)
+        self.Ds.fill_(1.0)
+
+    def forward(self, x):
+        b, H, W, _ = x.shape
+        k, d, n, r = 4, self.d_inner, self.d_state, self.dt_rank
+        x, z = self.in_proj(x).chunk(2, dim=-1)          # (b, H, W, d) each
+        x = x.permute(0, 3, 1, 2)                        # (b, d, H, W)
+        x = F.silu(self.conv2d(x))                       # (b, d, H, W)
+
+        xs = cross_scan(x)                               # (b, k, d, l)           eq (7)
+        x_dbl = torch.einsum("bkdl,kcd->bkcl", xs, self.x_proj_weight)    # (b, k, r + 2n, l)
+        dts, Bs, Cs = torch.split(x_dbl, [r, n, n], dim=2)               # (b, k, r|n|n, l)
+        dts = torch.einsum("bkrl,kdr->bkdl", dts, self.dt_projs_weight)  # (b, k, d, l)
+
+        y = selective_scan(                              # (b, k*d, l) float32    eq (8)
+            xs.flatten(1, 2), dts.flatten(1, 2), -torch.exp(self.A_logs.float()), Bs, Cs,
+            self.Ds.float(), delta_bias=self.dt_projs_bias.float().flatten(), delta_softplus=True,
+            backend=self.scan_backend)
+        y = cross_merge(y.view(b, k, d, H * W), H, W)    # (b, d, l)              eq (9)
+        y = y.transpose(1, 2).reshape(b, H, W, d)        # (b, H, W, d)
+        y = self.out_norm(y).to(x.dtype) * F.silu(z)     # (b, H, W, d)
+        return self.dropout(self.out_proj(y))            # (b, H, W, c)
+
+
+# --------------------------------------------------------------------------------------------------
+# 4. VSS block as used inside the VMRNN cell: VMRNN Fig. 2(b)
+# --------------------------------------------------------------------------------------------------
+
+def drop_path(x, p, training):
+    """Stochastic depth: zero the whole residual branch of a sample with probability p."""
+    if p == 0.0 or not training:
+        return x
+    keep = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(1 - p)
+    return x * keep / (1 - p)
+
+
+class VSSBlock(nn.Module):
+    """x + DropPath(SS2D(LN(x))); the first block of a cell also mixes in the hidden state.
+
+    x, h_state (b, l, c) -> (b, l, c). With h_state the SS2D input is LP([LN(x); LN(h_state)]),
+    LP = Linear(2c -> c) (Fig. 2(b)), one LayerNorm shared by both; the residual is x alone.
+
+    Note: the authors allocate LP in every block and use it only in the first; here only the
+    block that takes the hidden state has it (`takes_hidden=True`), so no parameter is dead.
+    """
+
+    def __init__(self, dim, grid, takes_hidden, drop_path_rate=0.0, d_state=16, dropout=0.0,
+                 scan_backend="auto"):
+        super().__init__()
+        self.grid = grid
+        self.drop_path_rate = drop_path_rate
+        self.norm = nn.LayerNorm(dim)                    # PyTorch's eps 1e-5, as the authors'
+        self.lp = nn.Linear(2 * dim, dim) if takes_hidden else None
+        self.ss2d = SS2D(dim, d_state=d_state, dropout=dropout, scan_backend=scan_backend)
+
+    def forward(self, x, h_state=None):
+        if (h_state is None) != (self.lp is None):
+            raise ValueError("the hidden state goes to the first block of a cell, and only there")
+        b, l, c = x.shape
+        y = self.norm(x)                                 # (b, l, c)
+        if h_state is not None:
+            y = self.lp(torch.cat([y, self.norm(h_state)], dim=-1))      # (b, l, 2c) -> (b, l, c)
+        y = self.ss2d(y.view(b, *self.grid, c))          # (b, H, W, c)
+        return x + drop_path(y.view(b, l, c), self.drop_path_rate, self.training)
+
+
+# --------------------------------------------------------------------------------------------------
+# 5. VMRNN cell: VMRNN Eqs. (4)-(6), Fig. 2(a)
+# --------------------------------------------------------------------------------------------------
+
+class VMRNNCell(nn.Module):
+    """One recurrent step: O_t from a stack of VSS blocks, then an LSTM-style state update.
+
+    x (b, l, c), state None or (h_state, c_state) each (b, l, c) -> (h_state, (h_state, c_state)).
+    A state of None means zeros. `cell_update` picks the cell-state update:
+      "code"  (default) C_t = F_t * (C_{t-1} + tanh(O_t)), the authors' code, published numbers;
+      "paper" C_t = F_t * tanh(O_t) + C_{t-1}, the paper's Eq. (5).
+    """
+
+    def __init__(self, dim, grid, depth, drop_path_rates, d_state=16, dropout=0.0,
+                 cell_update="code", scan_backend="auto"):
+        super().__init__()
+        if cell_update not in ("code", "paper"):
+            raise ValueError(f"cell_update must be 'code' or 'paper', got {cell_update!r}")
+        if depth < 1:
+            raise ValueError(f"a VMRNN cell needs at least one VSS block, got depth={depth}")
+        self.cell_update = cell_update
+        self.blocks = nn.ModuleList(
+            VSSBlock(dim, grid, takes_hidden=(i == 0), drop_path_rate=drop_path_rates[i],
+                     d_state=d_state, dropout=dropout, scan_backend=scan_backend)
+            for i in range(depth))
+
+    def forward(self, x, state=None):
+        h_state, c_state = (torch.zeros_like(x), torch.zeros_like(x)) if state is None else state
+        o = self.blocks[0](x, h_state)
+        for block in self.blocks[1:]:
+            o = block(o)                                 # O_t = VSB(...VSB(X_t, H_{t-1}))  eq (4)
+        f = torch.sigmoid(o)                             # F_t = sigmoid(O_t)               eq (4)
+        if self.cell_update == "paper":
+            c_state = f * torch.tanh(o) + c_state        # paper                            eq (5)
+        else:
+            # Note: the authors' code (and checkpoint) gates the previous cell state too.
+            c_state = f * (c_state + torch.tanh(o))      # authors' code, in place of       eq (5)
+        h_state = f * torch.tanh(c_state)                # H_t = F_t * tanh(C_t)            eq (6)
+        return h_state, (h_state, c_state)
+
+
+# --------------------------------------------------------------------------------------------------
+# 6. VMRNN-B and VMRNN-D: VMRNN Fig. 3, Table 1
+# --------------------------------------------------------------------------------------------------
+
+class PatchEmbed(nn.Module):
+    """Frame -> tokens: Conv2d(kernel = stride = p), flatten, LayerNorm. (b, C, h, w) -> (b, l, c)."""
+
+    def __init__(self, patch_size, in_chans, dim):
+        super().__init__()
+        self.proj = nn.Conv2d(in_chans, dim, kernel_size=patch_size, stride=patch_size)
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, frame):
+        return self.norm(self.proj(frame).flatten(2).transpose(1, 2))   # (b, l, c)
+
+
+class PatchInflate(nn.Module):
+    """Tokens -> frame ("patch inflated" in the authors' code): transposed convolutions, x2 each.
+
+    (b, l, c) -> (b, C, h, w) logits. For p > 2 the authors first apply p // 4 stages of
+    [ConvTranspose2d(c -> c), GroupNorm(16, c), LeakyReLU(0.2)], then ConvTranspose2d(c -> C).
+    """
+
+    def __init__(self, patch_size, in_chans, dim, grid):
+        super().__init__()
+        self.grid = grid
+        up = dict(kernel_size=3, stride=2, padding=1, output_padding=1)
+        stages = []
+        for _ in range(patch_size // 4 if patch_size > 2 else 0):
+            stages += [nn.ConvTranspose2d(dim, dim, **up), nn.GroupNorm(16, dim), nn.LeakyReLU(0.2)]
+        self.up = nn.Sequential(*stages)
+        self.out = nn.ConvTranspose2d(dim, in_chans, **up)
+
+    def forward(self, x):
+        b, l, c = x.shape
+        x = x.transpose(1, 2).reshape(b, c, *self.grid)  # (b, c, H, W)
+        return self.out(self.up(x))                      # (b, C, h, w)
+
+
+class PatchMerging(nn.Module):
+    """Halve the grid, double the width (Swin): 2x2 neighbours -> LayerNorm(4w) -> Linear(4w -> 2w)."""
+
+    def __init__(self, dim, grid):
+        super().__init__()
+        self.grid = grid
+        self.norm = nn.LayerNorm(4 * dim)
+        self.reduction = nn.Linear(4 * dim, 2 * dim, bias=False)
+
+    def forward(self, x):
+        b, l, c = x.shape
+        x = x.view(b, *self.grid, c)                     # (b, H, W, w)
+        # Neighbour order (0,0), (1,0), (0,1), (1,1) as (row, column), the authors' (Swin's) order.
+        x = torch.cat([x[:, 0::2, 0::2], x[:, 1::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 1::2]], -1)
+        return self.reduction(self.norm(x.flatten(1, 2)))                # (b, l/4, 2w)
+
+
+class PatchExpanding(nn.Module):
+    """Double the grid, halve the width (Swin-Unet): Linear(w -> 2w), each token -> 2x2 of w/2."""
+
+    def __init__(self, dim, grid):
+        super().__init__()
+        self.grid = grid
+        self.expand = nn.Linear(dim, 2 * dim, bias=False)
+        self.norm = nn.LayerNorm(dim // 2)
+
+    def forward(self, x):
+        b = x.shape[0]
+        H, W = self.grid
+        x = self.expand(x).view(b, H, W, 2, 2, -1)       # (b, H, W, p1, p2, w/2)
+        x = x.permute(0, 1, 3, 2, 4, 5).reshape(b, 4 * H * W, -1)       # (b, 2H*2W, w/2)
+        return self.norm(x)
+
+
+class _Forecaster(nn.Module):
+    """What VMRNN-B and VMRNN-D share: input checks, the patch embedding, and the rollout."""
+
+    def __init__(self, img_size, patch_size, in_chans, embed_dim):
+        super().__init__()
+        h, w = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
+        if patch_size not in (2, 4, 8):
+            raise ValueError(f"patch_size must be 2, 4 or 8 (the reconstruction head upsamples by "
+                             f"2 * 2**(p // 4), which equals p only for those), got {patch_size}")
+        if h % patch_size or w % patch_size:
+            raise ValueError(f"image size {h}x{w} is not divisible by patch_size {patch_size}: "
+                             f"crop or pad frames to a multiple of {patch_size}")
+        if patch_size > 2 and embed_dim % 16:
+            raise ValueError(f"embed_dim {embed_dim} must be divisible by 16, the GroupNorm groups "
+                             f"of the reconstruction head used when patch_size > 2")
+        self.img_size, self.in_chans = (h, w), in_chans
+        self.grid = (h // patch_size, w // patch_size)
+        if self.grid[0] % 2 or self.grid[1] % 2:
+            raise ValueError(f"the patch grid {self.grid[0]}x{self.grid[1]} must be even: "
+                             f"use an image size that is a multiple of {2 * patch_size}")
+        self.embed = PatchEmbed(patch_size, in_chans, embed_dim)
+        self.head = PatchInflate(patch_size, in_chans, embed_dim, self.grid)
+
+    def forward(self, frames, pred_len):
+        """The authors' rollout (SPEC §5), identical in training and test.
+
+        frames (b, t_in, C, h, w) in [0, 1] -> (b, t_in - 1 + pred_len, C, h, w): the next-frame
+        predictions for frames 1..t_in-1 (teacher-forced), then pred_len closed-loop predictions
+        that start from the last observed frame and feed each prediction back in.
+        """
+        if frames.dim() != 5 or tuple(frames.shape[2:]) != (self.in_chans, *self.img_size):
+            raise ValueError(f"expected frames of shape (b, t, {self.in_chans}, "
+                             f"{self.img_size[0]}, {self.img_size[1]}), got {tuple(frames.shape)}")
+        if frames.shape[1] < 1 or pred_len < 0:
+            raise ValueError("need at least one input frame and pred_len >= 0")
+        state, preds = None, []
+        for t in range(frames.shape[1] - 1):
+            pred, state = self.step(frames[:, t], state)
+            preds.append(pred)
+        frame = frames[:, -1]
+        for _ in range(pred_len):
+            frame, state = self.step(frame, state)
+            preds.append(frame)
+        return torch.stack(preds, dim=1)                 # (b, t_in - 1 + pred_len, C, h, w)
+
+
+class VMRNN_B(_Forecaster):
+    """VMRNN-B (Fig. 3, left): patch embedding -> one VMRNN cell -> reconstruction.
+
+    `step(frame, state)` advances one frame: frame (b, C, h, w), state None or (h_state, c_state)
+    -> (prediction of the next frame (b, C, h, w) in (0, 1), new state).
+    Stochastic depth uses the same rate in every block, as the authors' code does.
+    """
+
+    def __init__(self, img_size, patch_size, in_chans, embed_dim=128, depth=6, d_state=16,
+                 drop_path_rate=0.1, dropout=0.0, cell_update="code", scan_backend="auto"):
+        super().__init__(img_size, patch_size, in_chans, embed_dim)
+        self.cell = VMRNNCell(embed_dim, self.grid, depth, [drop_path_rate] * depth, d_state,
+                              dropout, cell_update, scan_backend)
+
+    def step(self, frame, state=None):
+        h_state, state = self.cell(self.embed(frame), state)
+        return torch.sigmoid(self.head(h_state)), state
+
+
+class VMRNN_D(_Forecaster):
+    """VMRNN-D (Fig. 3, right): a Swin-Unet-like stack of cells, down then up, each with its state.
+
+    Down level i: a cell of width c*2^i on the grid / 2^i with depths_down[i] blocks, then patch
+    merging. Up level i: a cell of width c*2^(L-i) on the grid / 2^(L-i), then patch expanding.
+    depths_up is indexed like depths_down, by width: depths_up[j] is the depth of the up cell of
+    width c*2^(j+1), so the paper's (2, 6, 6, 2) is depths_down=(2, 6), depths_up=(6, 2) and the
+    two cells of width 2c both have 6 blocks (the authors' indexing, checked on their checkpoint).
+    `step(frame, state)` takes and returns state as a list of (h_state, c_state), one per cell.
+
+    Note: the authors' up path builds a second patch embedding that is never used; not here.
+    """
+
+    def __init__(self, img_size, patch_size, in_chans, embed_dim=128, depths_down=(2, 6),
+                 depths_up=(6, 2), d_state=16, drop_path_rate=0.1, dropout=0.0, cell_update="code",
+                 scan_backend="auto"):
+        super().__init__(img_size, patch_size, in_chans, embed_dim)
+        L = len(depths_down)
+        if len(depths_up) != L or L < 1:
+            raise ValueError(f"depths_down and depths_up need the same number (>= 1) of levels, "
+                             f"got {tuple(depths_down)} and {tuple(depths_up)}")
+        if self.grid[0] % 2 ** L or self.grid[1] % 2 ** L:
+            raise ValueError(f"the patch grid {self.grid[0]}x{self.grid[1]} cannot be halved "
+                             f"{L} times (len(depths_down)): use an image size that is a multiple "
+                             f"of {patch_size * 2 ** L}, or fewer levels")
+        cell = dict(d_state=d_state, dropout=dropout, cell_update=cell_update,
+                    scan_backend=scan_backend)
+
+        def grid(level):
+            return (self.grid[0] // 2 ** level, self.grid[1] // 2 ** level)
+
+        # Stochastic depth: 0 -> drop_path_rate over the blocks of each path, in build order.
+        rates_down = torch.linspace(0, drop_path_rate, sum(depths_down)).tolist()
+        rates_up = torch.linspace(0, drop_path_rate, sum(depths_up)).tolist()
+        self.down, self.merge = nn.ModuleList(), nn.ModuleList()
+        for i in range(L):
+            dim, first = embed_dim * 2 ** i, sum(depths_down[:i])
+            self.down.append(VMRNNCell(dim, grid(i), depths_down[i],
+                                       rates_down[first:first + depths_down[i]], **cell))
+            self.merge.append(PatchMerging(dim, grid(i)))
+        self.up, self.expand = nn.ModuleList(), nn.ModuleList()
+        for i in range(L):
+            j = L - 1 - i                                # index into depths_up (by width)
+            dim, first = embed_dim * 2 ** (L - i), sum(depths_up[:j])
+            self.up.append(VMRNNCell(dim, grid(L - i), depths_up[j],
+                                     rates_up[first:first + depths_up[j]], **cell))
+            self.expand.append(PatchExpanding(dim, grid(L - i)))
+
+    def step(self, frame, state=None):
+        state = state or [None] * (2 * len(self.down))
+        x, new_state = self.embed(frame), []             # (b, l, c)
+        cells = list(zip(self.down, self.merge)) + list(zip(self.up, self.expand))
+        for (cell, resample), s in zip(cells, state):
+            x, s = cell(x, s)
+            new_state.append(s)
+            x = resample(x)                              # merge: (b, l/4, 2w); expand: (b, 4l, w/2)
+        return torch.sigmoid(self.head(x)), new_state
+
+
+def paper_model(name, **overrides):
+    """The Table 1 model for "mmnist", "kth" or "taxibj" (embed 128, d_state 16, drop path 0.1)."""
+    configs = {
+        "mmnist": (VMRNN_D, dict(img_size=64, patch_size=2, in_chans=1, depths_down=(2, 6),
+                                 depths_up=(6, 2))),
+        "kth": (VMRNN_B, dict(img_size=128, patch_size=2, in_chans=1, depth=6)),
+        "taxibj": (VMRNN_B, dict(img_size=32, patch_size=4, in_chans=2, depth=12)),
+    }
+    if name not in configs:
+        raise ValueError(f"unknown paper model {name!r}: choose one of {sorted(configs)}")
+    cls, kwargs = configs[name]
+    return cls(**{**kwargs, **overrides})
+
+
+# --------------------------------------------------------------------------------------------------
+# 7. Loading the authors' weights
+# --------------------------------------------------------------------------------------------------
+
+# Official key prefix -> ours. Applied in order, first match wins; None = a weight the authors'
+# model never uses (ignored). Covers their Moving-MNIST B (`ST.layers.0`), OpenSTL B (`ST.layer`)
+# and Moving-MNIST / OpenSTL D (`Downsample` / `Upsample`) models.
+_OFFICIAL_PREFIXES = [
+    (r"^ST\.patch_embed\.", "embed."),
+    (r"^ST\.patch_inflated\.Conv_\.", "head.up."),
+    (r"^ST\.patch_inflated\.Conv\.", "head.out."),
+    (r"^ST\.(?:layer|layers\.0)\.VSBs\.", "cell.blocks."),
+    (r"^Downsample\.patch_embed\.", "embed."),
+    (r"^Downsample\.layers\.(\d+)\.VSBs\.", r"down.\1.blocks."),
+    (r"^Downsample\.downsample\.", "merge."),
+    (r"^Upsample\.patch_embed\.", None),
+    (r"^Upsample\.Unembed\.Conv_\.", "head.up."),
+    (r"^Upsample\.Unembed\.Conv\.", "head.out."),
+    (r"^Upsample\.layers\.(\d+)\.VSBs\.", r"up.\1.blocks."),
+    (r"^Upsample\.upsample\.", "expand."),
+]
+_OFFICIAL_BLOCK_NAMES = [(r"\.self_attention\.", ".ss2d."), (r"\.ln_1\.", ".norm."),
+                         (r"\.linear\.", ".lp.")]
+
+
+def load_official_state_dict(model, state_dict):
+    """Load weights saved by the authors' code into `model`; returns the keys it ignored.
+
+    Ignored keys are the weights the authors' models allocate but never use (the 2c -> c Linear of
+    every block after the first in a cell, and VMRNN-D's second patch embedding). Any other key
+    that does not fit (unknown, missing, or of the wrong shape) raises a ValueError naming it.
+    """
+    ours = model.state_dict()
+    loaded, ignored, unknown = {}, [], []
+    for key, value in state_dict.items():
+        name = key.removeprefix("module.")               # saved from DistributedDataParallel
+        for pattern, replacement in _OFFICIAL_PREFIXES:
+            if re.match(pattern, name):
+                name = None if replacement is None else re.sub(pattern, replacement, name)
+                break
+        else:
+            unknown.append(key)
+            continue
+        if name is not None:
+            for pattern, replacement in _OFFICIAL_BLOCK_NAMES:
+                name = re.sub(pattern, replacement, name)
+        if name is None or (name not in ours and name.endswith((".lp.weight", ".lp.bias"))):
+            ignored.append(key)                          # never used by the authors' forward pass
+        elif name not in ours:
+            unknown.append(key)
+        elif ours[name].shape != value.shape:
+            raise ValueError(f"official weight {key} has shape {tuple(value.shape)}, but the model "
+                             f"expects {tuple(ours[name].shape)} for {name}: check the model config")
+        else:
+            loaded[name] = value
+    missing = sorted(set(ours) - set(loaded))
+    if unknown or missing:
+        raise ValueError(f"the official state dict does not fit this model: "
+                         f"{len(unknown)} unexpected keys {unknown[:4]}, "
+                         f"{len(missing)} missing weights {missing[:4]}; check the model class "
+                         f"(VMRNN_B or VMRNN_D) and its config (depths, embed_dim, patch_size)")
+    model.load_state_dict(loaded)
+    return ignored
