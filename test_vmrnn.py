@@ -4,12 +4,23 @@ Run: python -m pytest -q test_vmrnn.py   (CPU, a few minutes on 2 cores)
 Tests that need ../shared (the authors' fixtures, real MNIST digits) skip with a reason without it.
 """
 
+import gzip
+import hashlib
+import http.server
+import pickle
+import socket
+import struct
+import threading
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
+import data
 import vmrnn
+from data import DataError
 from vmrnn import VMRNN_B, VMRNN_D, cross_merge, cross_scan, load_official_state_dict, paper_model
 
 SHARED = Path(__file__).resolve().parent.parent / "shared"
@@ -246,3 +257,602 @@ def test_unknown_keyword_raises():
     """No **kwargs pass-through: a misspelt argument is an error, not a silent default."""
     with pytest.raises(TypeError):
         VMRNN_B(16, 2, 1, 16, dept=2)
+
+# ==================================================================================================
+# data.py: generators, file readers, downloads (against a local HTTP server on 127.0.0.1)
+# ==================================================================================================
+
+SHARED_DATA = SHARED / "data"
+T10K = SHARED_DATA / "t10k-images-idx3-ubyte.gz"
+
+
+def needs_t10k():
+    if not T10K.is_file():
+        pytest.skip(f"real MNIST digits not available ({T10K} missing)")
+
+
+# ---- helpers --------------------------------------------------------------------------------------------------
+
+def idx_bytes(images: np.ndarray, magic: int = data.IDX_IMAGES_MAGIC) -> bytes:
+    n, rows, cols = images.shape
+    return struct.pack(">4I", magic, n, rows, cols) + images.astype(np.uint8).tobytes()
+
+
+def random_digits(n: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (n, 28, 28), dtype=np.uint8)
+
+
+def swinlstm_trajectory(y: float, x: float, theta: float, frames: int, step: float = 0.1):
+    """The authors' scalar loop, written out independently of data.bouncing_trajectories."""
+    vy, vx = np.sin(theta), np.cos(theta)
+    out = []
+    for _ in range(frames):
+        y += vy * step
+        x += vx * step
+        if x <= 0:
+            x, vx = 0.0, -vx
+        if x >= 1:
+            x, vx = 1.0, -vx
+        if y <= 0:
+            y, vy = 0.0, -vy
+        if y >= 1:
+            y, vy = 1.0, -vy
+        out.append((y, x))
+    return out
+
+
+def render_reference(ds: data.MovingMNIST, i: int) -> np.ndarray:
+    """Sequence i rendered from its drawn start/direction/digits with scalar code: uint8 (t, h, w)."""
+    plan = ds.plan
+    video = np.zeros((ds.frames, ds.canvas, ds.canvas), np.uint8)
+    free = ds.canvas - data.DIGIT_SIZE
+    for k in range(ds.num_digits):
+        digit = ds.digits[plan.digit[i, k]]
+        path = swinlstm_trajectory(*plan.start[i, k], plan.theta[i, k], ds.frames)
+        for t, (y, x) in enumerate(path):
+            top, left = int(free * y), int(free * x)
+            for r in range(28):
+                for c in range(28):
+                    video[t, top + r, left + c] = max(video[t, top + r, left + c], digit[r, c])
+    return video
+
+
+def as_uint8(item: torch.Tensor) -> np.ndarray:
+    return (item[:, 0] * 255).round().to(torch.uint8).numpy()
+
+
+def loader_items(ds, workers: int) -> torch.Tensor:
+    loader = torch.utils.data.DataLoader(ds, batch_size=4, shuffle=False, num_workers=workers)
+    return torch.cat(list(loader))
+
+
+# ---- Moving MNIST generator -----------------------------------------------------------------------------------
+
+def test_mmnist_items_shape_dtype_range():
+    ds = data.MovingMNIST(random_digits(50), length=8)
+    x = ds[3]
+    assert x.shape == (20, 1, 64, 64) and x.dtype == torch.float32
+    assert 0 <= x.min() and x.max() <= 1 and x.max() > 0
+    assert len(ds) == 8
+    other = data.MovingMNIST(random_digits(50), length=4, input_frames=5, output_frames=3, canvas=48, num_digits=3)
+    assert other[0].shape == (8, 1, 48, 48)
+    with pytest.raises(IndexError):
+        ds[8]
+
+
+def test_trajectories_follow_the_swinlstm_rule():
+    rng = np.random.default_rng(1)
+    start, theta = rng.random((200, 2)), 2 * np.pi * rng.random(200)
+    got = data.bouncing_trajectories(start, theta, 30)                     # (t, n, 2)
+    assert got.shape == (30, 200, 2)
+    assert got.min() >= 0 and got.max() <= 1
+    for n in range(200):
+        np.testing.assert_allclose(got[:, n], swinlstm_trajectory(*start[n], theta[n], 30), rtol=0, atol=1e-12)
+    assert (got == 0).any() and (got == 1).any()                           # some walls are hit
+
+
+def test_trajectory_bounces_off_a_wall():
+    got = data.bouncing_trajectories(np.array([0.5, 0.95]), np.array(0.0), 4)   # moving +x, towards the wall
+    np.testing.assert_allclose(got[:, 0], 0.5)
+    np.testing.assert_allclose(got[:, 1], [1.0, 0.9, 0.8, 0.7])            # clamped, then moving back
+
+
+def test_mmnist_rendering_two_digits_inside_canvas():
+    ds = data.MovingMNIST(random_digits(30, seed=2), length=6, seed=3)
+    corner = ds.plan.corner                                                # (n, t, k, 2)
+    assert corner.min() >= 0 and corner.max() <= 64 - 28
+    for i in range(6):
+        video = as_uint8(ds[i])
+        np.testing.assert_array_equal(video, render_reference(ds, i))
+        covered = np.zeros_like(video, dtype=bool)
+        for t in range(ds.frames):
+            for k in range(2):                                             # both digits visible where they lie
+                y, x = corner[i, t, k]
+                digit = ds.digits[ds.plan.digit[i, k]]
+                assert (video[t, y:y + 28, x:x + 28] >= digit).all()
+                covered[t, y:y + 28, x:x + 28] = True
+        assert (video[~covered] == 0).all()                                # nothing outside the digits
+
+
+def test_mmnist_digits_move_between_frames():
+    ds = data.MovingMNIST(random_digits(30), length=20, seed=4)
+    moves = np.abs(np.diff(ds.plan.corner.astype(int), axis=1)).max(axis=-1)   # (n, t-1, k)
+    assert moves.max() <= 4 and moves.mean() > 1                           # 3.6 px per frame along a direction
+
+
+def test_validation_is_fixed_across_calls_epochs_and_workers():
+    val = data.MovingMNIST(random_digits(40), length=12, seed=data.VAL_SEED, stream=data.VAL_STREAM,
+                           resample=False)
+    first = torch.stack([val[i] for i in range(12)])
+    val.set_epoch(7)
+    assert torch.equal(torch.stack([val[i] for i in range(12)]), first)
+    assert torch.equal(loader_items(val, 0), first)
+    assert torch.equal(loader_items(val, 2), first)
+
+
+def test_training_data_change_with_epoch_and_reproduce():
+    digits = random_digits(40)
+    train = data.MovingMNIST(digits, length=12, seed=5)
+    train.set_epoch(0)
+    a = train[4]
+    train.set_epoch(1)
+    b = train[4]
+    train.set_epoch(0)
+    assert not torch.equal(a, b)
+    assert torch.equal(train[4], a)
+    resumed = data.MovingMNIST(digits, length=12, seed=5)                  # a resumed run sees the same data
+    resumed.set_epoch(1)
+    assert torch.equal(resumed[4], b)
+    other_seed = data.MovingMNIST(digits, length=12, seed=6)
+    assert not torch.equal(other_seed[4], a)
+    train.set_epoch(3)
+    assert torch.equal(loader_items(train, 0), loader_items(train, 2))
+
+
+def test_train_and_val_streams_differ():
+    digits = random_digits(40)
+    train = data.MovingMNIST(digits, length=5, seed=0, stream=data.TRAIN_STREAM)
+    val = data.MovingMNIST(digits, length=5, seed=0, stream=data.VAL_STREAM, resample=False)
+    assert not np.array_equal(train.plan.start, val.plan.start)
+
+
+# ---- idx parser -----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("compress", [False, True], ids=["raw", "gz"])
+def test_idx_reader_good_file(tmp_path, compress):
+    images = random_digits(7)
+    raw = idx_bytes(images)
+    path = tmp_path / "digits"
+    path.write_bytes(gzip.compress(raw) if compress else raw)
+    got = data.read_idx_images(path)
+    assert got.dtype == np.uint8
+    np.testing.assert_array_equal(got, images)
+
+
+@pytest.mark.parametrize("compress", [False, True], ids=["raw", "gz"])
+@pytest.mark.parametrize("problem, make, message", [
+    ("truncated", lambda: idx_bytes(random_digits(5))[:-100], "truncated idx file"),
+    ("header only part", lambda: idx_bytes(random_digits(5))[:10], "truncated idx file"),
+    ("wrong magic", lambda: idx_bytes(random_digits(5), magic=2049), "magic number 2049"),
+    ("not 28x28", lambda: idx_bytes(np.zeros((2, 32, 32), np.uint8)), "32x32"),
+])
+def test_idx_reader_bad_files(tmp_path, compress, problem, make, message):
+    path = tmp_path / "bad-images-idx3-ubyte"
+    path.write_bytes(gzip.compress(make()) if compress else make())
+    with pytest.raises(DataError, match=message) as error:
+        data.read_idx_images(path)
+    assert str(path) in str(error.value) and "\n" not in str(error.value)
+
+
+def test_idx_reader_corrupt_gzip_and_missing(tmp_path):
+    good = gzip.compress(idx_bytes(random_digits(5)))
+    (tmp_path / "cut.gz").write_bytes(good[: len(good) // 2])
+    (tmp_path / "garbage.gz").write_bytes(data.GZIP_MAGIC + b"\x08\x00garbage" * 10)
+    for name in ("cut.gz", "garbage.gz"):
+        with pytest.raises(DataError, match="gzip"):
+            data.read_idx_images(tmp_path / name)
+    with pytest.raises(DataError, match="missing.gz"):
+        data.read_idx_images(tmp_path / "missing.gz")
+
+
+# ---- real MNIST digits (t10k file from shared/data) -----------------------------------------------------------
+
+def test_t10k_digits_and_checksum():
+    needs_t10k()
+    digits = data.read_idx_images(T10K)
+    assert digits.shape == (10_000, 28, 28) and digits.max() == 255
+    assert 25 < digits.mean() < 40                                          # MNIST's mean pixel is about 33
+    assert hashlib.md5(T10K.read_bytes()).hexdigest() == data.MNIST_MD5[T10K.name]
+
+
+def test_digits_file_split_is_deterministic_and_labelled(tmp_path):
+    needs_t10k()
+    train, val = data.build_datasets("mmnist", tmp_path, digits_file=T10K, download=False)
+    digits = data.read_idx_images(T10K)
+    np.testing.assert_array_equal(train.digits, digits[:7000])
+    np.testing.assert_array_equal(val.digits, digits[7000:])
+    assert len(train) == data.MMNIST_EPOCH and len(val) == 3000
+    assert "NOT the paper protocol" in train.describe() and "NOT the paper protocol" in val.describe()
+    x = val[0]
+    assert x.shape == (20, 1, 64, 64) and x.max() == 1.0
+    assert not list(tmp_path.iterdir())                                    # nothing downloaded or written
+
+
+def test_paper_protocol_needs_13000_digits(tmp_path):
+    needs_t10k()
+    (tmp_path / data.MNIST_TRAIN_FILE).write_bytes(T10K.read_bytes())      # only 10,000 digits
+    with pytest.raises(DataError, match="13,000"):
+        data.build_datasets("mmnist", tmp_path, download=False)
+
+
+# ---- paper protocol with a fake train file and a fake mnist_test_seq.npy --------------------------------------
+
+@pytest.fixture(scope="module")
+def fake_mnist_dir(tmp_path_factory):
+    """13,000 random digits as a raw idx file in torchvision's cache layout (data_dir/MNIST/raw/)."""
+    root = tmp_path_factory.mktemp("mnist")
+    (root / "MNIST" / "raw").mkdir(parents=True)
+    (root / "MNIST" / "raw" / "train-images-idx3-ubyte").write_bytes(idx_bytes(random_digits(13_000, seed=9)))
+    return root
+
+
+def test_paper_protocol_digit_ranges_and_generated_val(fake_mnist_dir):
+    train, val = data.build_datasets("mmnist", fake_mnist_dir, download=False, val_length=10)
+    digits = random_digits(13_000, seed=9)
+    np.testing.assert_array_equal(train.digits, digits[:10_000])
+    np.testing.assert_array_equal(val.digits, digits[10_000:13_000])
+    assert isinstance(val, data.MovingMNIST) and not val.resample and len(val) == 10
+    assert "paper protocol" in train.describe() and "NOT the paper's fixed test set" in val.describe()
+    again = data.build_datasets("mmnist", fake_mnist_dir, download=False, val_length=10, seed=123)[1]
+    assert torch.equal(val[3], again[3])                                   # independent of the training seed
+
+
+def test_fixed_test_seq_is_used_when_present(fake_mnist_dir, tmp_path):
+    root = tmp_path / "d"
+    root.mkdir()
+    (root / "MNIST").symlink_to(fake_mnist_dir / "MNIST", target_is_directory=True)
+    videos = np.random.default_rng(0).integers(0, 256, (20, 3, 64, 64), dtype=np.uint8)
+    np.save(root / data.MNIST_TEST_SEQ_FILE, videos)
+    train, val = data.build_datasets("mmnist", root, download=False)
+    assert isinstance(val, data.MovingMNISTFixed) and len(val) == 3
+    assert "mnist_test_seq.npy" in val.describe() and "paper protocol" in val.describe()
+    x = val[1]
+    assert x.shape == (20, 1, 64, 64) and x.dtype == torch.float32
+    np.testing.assert_array_equal(as_uint8(x), videos[:, 1])
+    assert torch.equal(pickle.loads(pickle.dumps(val))[1], x)             # as a spawned worker sees it
+    _, generated = data.build_datasets("mmnist", root, download=False, fixed_val=False)
+    assert isinstance(generated, data.MovingMNIST)
+    _, other_frames = data.build_datasets("mmnist", root, download=False, input_frames=5, output_frames=5)
+    assert isinstance(other_frames, data.MovingMNIST) and other_frames[0].shape == (10, 1, 64, 64)
+    with pytest.raises(ValueError, match="fixed_val"):
+        data.build_datasets("mmnist", root, download=False, fixed_val=True, input_frames=5, output_frames=5)
+
+
+@pytest.mark.parametrize("problem, message", [("shape", "expected uint8"), ("truncated", "truncated"),
+                                              ("not npy", "not a readable")])
+def test_fixed_test_seq_bad_files(tmp_path, problem, message):
+    path = tmp_path / data.MNIST_TEST_SEQ_FILE
+    if problem == "shape":
+        np.save(path, np.zeros((10, 3, 64, 64), np.uint8))
+    elif problem == "truncated":
+        np.save(path, np.zeros((20, 3, 64, 64), np.uint8))
+        path.write_bytes(path.read_bytes()[:-1000])
+    else:
+        path.write_bytes(b"this is not a numpy file" * 10)
+    with pytest.raises(DataError, match=message) as error:
+        data.MovingMNISTFixed(path)
+    assert str(path) in str(error.value)
+
+
+# ---- TaxiBJ ---------------------------------------------------------------------------------------------------
+
+def taxibj_arrays(seed=0):
+    rng = np.random.default_rng(seed)
+    return {k: rng.uniform(-1, 1, (n, 4, 2, 32, 32)) for k, n in
+            (("X_train", 3), ("Y_train", 3), ("X_test", 2), ("Y_test", 2))}
+
+
+def test_taxibj_reader(tmp_path):
+    arrays = taxibj_arrays()
+    (tmp_path / "taxibj").mkdir()
+    np.savez(tmp_path / "taxibj" / "dataset.npz", **arrays)
+    train, val = data.build_datasets("taxibj", tmp_path)
+    assert (len(train), len(val)) == (3, 2) and "TaxiBJ" in train.describe()
+    x = train[2]
+    assert x.shape == (8, 2, 32, 32) and x.dtype == torch.float32 and 0 <= x.min() and x.max() <= 1
+    expected = (np.concatenate([arrays["X_train"][2], arrays["Y_train"][2]]) + 1) / 2
+    np.testing.assert_allclose(x.numpy(), expected, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(val[1].numpy()[4:], (arrays["Y_test"][1] + 1) / 2, rtol=0, atol=1e-6)
+    short = data.build_datasets("taxibj", tmp_path, input_frames=2, output_frames=3)[0][2]
+    np.testing.assert_allclose(short.numpy(), expected[2:7], rtol=0, atol=1e-6)
+    with pytest.raises(DataError, match="4\\+4 frames"):
+        data.build_datasets("taxibj", tmp_path, input_frames=6)
+
+
+@pytest.mark.parametrize("problem, message", [
+    ("missing", "not found"), ("keys", "missing"), ("shape", "expected float"), ("range", "expected \\[-1, 1\\]"),
+    ("not zip", "not a readable"), ("truncated", "not a readable"), ("npy", "single .npy"),
+    ("lengths", "sequences"),
+])
+def test_taxibj_bad_files(tmp_path, problem, message):
+    path = tmp_path / "dataset.npz"
+    arrays = taxibj_arrays()
+    if problem == "keys":
+        del arrays["Y_train"]
+    if problem == "shape":
+        arrays["X_train"] = arrays["X_train"][..., :16]
+    if problem == "range":
+        arrays["X_train"] = (arrays["X_train"] + 1) * 127.5
+    if problem == "lengths":
+        arrays["Y_train"] = arrays["Y_train"][:2]
+    if problem != "missing":
+        np.savez(path, **arrays)
+    if problem == "not zip":
+        path.write_bytes(b"PK not really a zip" * 20)
+    if problem == "truncated":
+        path.write_bytes(path.read_bytes()[:5000])
+    if problem == "npy":
+        with open(path, "wb") as f:
+            np.save(f, arrays["X_train"])
+    with pytest.raises(DataError, match=message) as error:
+        data.TaxiBJ(path, "train")
+    assert str(path) in str(error.value) and "\n" not in str(error.value)
+
+
+# ---- KTH ------------------------------------------------------------------------------------------------------
+
+def write_kth_sequence(root, action, person, numbers, rgb=False):
+    folder = root / action / f"person{person:02d}_{action}_d1_uncomp"
+    folder.mkdir(parents=True)
+    for n in numbers:
+        value = np.full((12, 16), 10 * n, np.uint8)                      # h 12, w 16: resized to 8 x 8
+        frame = np.stack([value, 255 - value, value // 2], -1) if rgb else value
+        Image.fromarray(frame).save(folder / f"image_{n:04d}.png")
+
+
+@pytest.fixture
+def kth_root(tmp_path):
+    root = tmp_path / "kth"
+    for action in data.KTH_ACTIONS:
+        (root / action).mkdir(parents=True)
+    write_kth_sequence(root, "boxing", 1, range(1, 13))                    # 12 frames
+    write_kth_sequence(root, "jogging", 2, range(1, 10))                   # 9 frames, stride 3
+    write_kth_sequence(root, "walking", 17, range(1, 9), rgb=True)         # test person, colour frames
+    write_kth_sequence(root, "handclapping", 18, [*range(1, 7), *range(8, 14)])   # a gap after frame 6
+    (root / "boxing" / "person01_boxing_d1_uncomp" / "notes.txt").write_text("not a frame")
+    return root
+
+
+def first_frame_numbers(ds):
+    return [int(ds.windows[i][0].stem[6:]) for i in range(len(ds))]
+
+
+def test_kth_windows_and_frames(kth_root):
+    train, val = data.build_datasets("kth", kth_root.parent, input_frames=2, output_frames=3, image_size=8)
+    # boxing: windows end at the last frame, non-overlapping (stride 5): frames 3..7, 8..12; jogging: stride 3
+    assert first_frame_numbers(train) == [3, 8, 2, 5]
+    # handclapping (gap between 6 and 8): 9..13, then 2..6; walking: 4..8
+    assert first_frame_numbers(val) == [2, 9, 4]
+    assert "persons 01-16" in train.describe() and "persons 17-25" in val.describe()
+    for ds in (train, val):
+        for i in range(len(ds)):
+            x = ds[i]
+            assert x.shape == (5, 1, 8, 8) and x.dtype == torch.float32
+            start = first_frame_numbers(ds)[i]
+            numbers = [int(p.stem[6:]) for p in ds.windows[i]]
+            assert numbers[0] == start
+            np.testing.assert_allclose(x[:, 0, 0, 0].numpy(), [10 * n / 255 for n in numbers], atol=1e-6)
+            assert torch.equal(x, x[:, :, :1, :1].expand_as(x))             # constant frames stay constant
+
+
+def test_kth_window_rule_matches_openstl_global_walk():
+    """OpenSTL walks backwards over all frames of all folders at once; our per-folder rule must agree."""
+    rng = np.random.default_rng(0)
+    for trial in range(30):
+        length = int(rng.integers(3, 12))
+        folders = []
+        for _ in range(int(rng.integers(1, 5))):
+            numbers = np.cumsum(rng.choice([1, 1, 1, 1, 1, 1, 2], int(rng.integers(0, 60))))
+            folders.append((list(numbers), 3 if rng.random() < 0.5 else length))
+        # reference: one flat list, folder marks, the category's stride at each window's end
+        flat, marks, strides = [], [], []
+        for mark, (numbers, stride) in enumerate(folders):
+            flat += numbers
+            marks += [mark] * len(numbers)
+            strides += [stride] * len(numbers)
+        expected, index = [], len(flat) - 1
+        while index >= length - 1:
+            start = index - length + 1
+            if marks[index] == marks[start] and flat[index] - flat[start] == length - 1:
+                expected.append(start)
+                index -= strides[index] - 1
+            index -= 1
+        offset, got = 0, []
+        for numbers, stride in folders:
+            got += [offset + s for s in data.kth_window_starts(numbers, length, stride)]
+            offset += len(numbers)
+        assert sorted(expected) == got
+
+
+def test_kth_bad_layouts(kth_root):
+    with pytest.raises(DataError, match="no 30-frame windows"):            # the default 10 -> 20
+        data.build_datasets("kth", kth_root.parent)
+    (kth_root / "running").rmdir()
+    with pytest.raises(DataError, match="running"):
+        data.build_datasets("kth", kth_root.parent, input_frames=2, output_frames=3)
+
+
+def test_kth_corrupt_frame(kth_root):
+    frame = kth_root / "boxing" / "person01_boxing_d1_uncomp" / "image_0005.png"
+    frame.write_bytes(frame.read_bytes()[:40])
+    train, _ = data.build_datasets("kth", kth_root.parent, input_frames=2, output_frames=3, image_size=8)
+    with pytest.raises(DataError, match="image_0005.png"):
+        train[0]
+
+
+# ---- shapes and the entry point -------------------------------------------------------------------------------
+
+def test_shapes_offline_set():
+    train, val = data.build_datasets("shapes", "unused", channels=3, image_size=32, train_length=6, val_length=4)
+    x = train[0]
+    assert x.shape == (20, 3, 32, 32) and x.dtype == torch.float32
+    assert 0 <= x.min() and x.max() <= 1 and (x > 0).any(dim=(1, 2, 3)).all()   # something in every frame
+    assert not torch.equal(x[0], x[-1])                                     # it moves
+    assert "NOT a benchmark" in train.describe()
+    train.set_epoch(1)
+    assert not torch.equal(train[0], x)
+    train.set_epoch(0)
+    assert torch.equal(train[0], x)
+    val.set_epoch(1)
+    assert torch.equal(loader_items(val, 0), torch.stack([val[i] for i in range(4)]))
+
+
+def test_build_datasets_arguments(tmp_path):
+    with pytest.raises(ValueError, match="unknown dataset"):
+        data.build_datasets("mnist", tmp_path)
+    with pytest.raises(ValueError, match="digits_file"):
+        data.build_datasets("kth", tmp_path, digits_file="x")
+    with pytest.raises(TypeError):
+        data.build_datasets("shapes", tmp_path, chanels=3)
+    train, val = data.build_datasets("shapes", tmp_path)
+    assert train[0].shape == (20, 1, 64, 64) and (train.input_frames, train.output_frames) == (10, 10)
+
+
+def test_set_epoch_exists_everywhere(tmp_path, kth_root):
+    np.savez(tmp_path / "dataset.npz", **taxibj_arrays())
+    taxibj, _ = data.build_datasets("taxibj", tmp_path)
+    kth, _ = data.build_datasets("kth", kth_root.parent, input_frames=2, output_frames=3, image_size=8)
+    for ds in (taxibj, kth):
+        before = ds[0]
+        ds.set_epoch(4)
+        assert torch.equal(ds[0], before)
+
+
+def test_missing_mnist_without_download(tmp_path):
+    with pytest.raises(DataError) as error:
+        data.build_datasets("mmnist", tmp_path, download=False)
+    message = str(error.value)
+    assert str(tmp_path / data.MNIST_TRAIN_FILE) in message and data.MNIST_MIRRORS[0] in message
+
+
+# ---- downloads against a local HTTP server --------------------------------------------------------------------
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        server = self.server
+        server.ranges.append(self.headers.get("Range"))
+        if server.missing:
+            self.send_error(404)
+            return
+        body, start = server.payload, 0
+        requested = self.headers.get("Range")
+        if requested and server.honour_range:
+            start = int(requested.removeprefix("bytes=").split("-")[0])
+            if start >= len(body):
+                self.send_error(416)
+                return
+            self.send_response(206)
+            self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
+        else:
+            self.send_response(200)
+        rest = body[start:]
+        self.send_header("Content-Length", str(len(rest)))
+        self.end_headers()
+        if server.cut_next:                                              # send half, then close the connection
+            server.cut_next = False
+            self.wfile.write(rest[: len(rest) // 2])
+            return
+        self.wfile.write(rest)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def server():
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+    httpd.payload = np.random.default_rng(0).bytes(300_000)
+    httpd.missing, httpd.honour_range, httpd.cut_next, httpd.ranges = False, True, False, []
+    httpd.url = f"http://127.0.0.1:{httpd.server_address[1]}/file.bin"
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield httpd
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def md5(b: bytes) -> str:
+    return hashlib.md5(b).hexdigest()
+
+
+def test_download_good_file(server, tmp_path):
+    dest = tmp_path / "sub" / "file.bin"
+    assert data.download_file([server.url], dest, md5(server.payload)) == dest
+    assert dest.read_bytes() == server.payload
+    assert sorted(p.name for p in dest.parent.iterdir()) == ["file.bin"]
+
+
+def test_download_checksum_mismatch(server, tmp_path):
+    dest = tmp_path / "file.bin"
+    with pytest.raises(DataError, match="md5") as error:
+        data.download_file([server.url], dest, "0" * 32)
+    assert str(dest) in str(error.value) and server.url in str(error.value)
+    assert list(tmp_path.iterdir()) == []                                  # no final file, no part
+
+
+@pytest.mark.parametrize("honour_range", [True, False], ids=["resume", "restart"])
+def test_download_interrupted_then_retried(server, tmp_path, honour_range):
+    dest, part = tmp_path / "file.bin", tmp_path / "file.bin.part"
+    server.cut_next = True
+    with pytest.raises(DataError, match="connection closed") as error:
+        data.download_file([server.url], dest, md5(server.payload))
+    assert "resume" in str(error.value)
+    assert not dest.exists() and part.stat().st_size == len(server.payload) // 2
+    server.honour_range = honour_range
+    data.download_file([server.url], dest, md5(server.payload))
+    assert dest.read_bytes() == server.payload and not part.exists()
+    assert server.ranges == [None, f"bytes={len(server.payload) // 2}-"]   # the retry asked for the rest
+
+
+def test_download_complete_part_is_finished(server, tmp_path):
+    (tmp_path / "file.bin.part").write_bytes(server.payload)               # e.g. killed before the rename
+    data.download_file([server.url], tmp_path / "file.bin", md5(server.payload))
+    assert (tmp_path / "file.bin").read_bytes() == server.payload
+
+
+def test_download_unreachable(tmp_path):
+    with socket.socket() as s:                                             # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"http://127.0.0.1:{port}/train-images-idx3-ubyte.gz"
+    dest = tmp_path / "train-images-idx3-ubyte.gz"
+    with pytest.raises(DataError) as error:
+        data.download_file([url], dest, "0" * 32, timeout=5)
+    message = str(error.value)
+    assert dest.name in message and str(dest) in message and url in message and "\n" not in message
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_fetch_mnist_from_mirrors(server, tmp_path):
+    needs_t10k()
+    server.payload = T10K.read_bytes()
+    base = server.url.removesuffix("file.bin")
+    dead = f"http://127.0.0.1:{server.server_address[1]}/missing/"
+    server.missing = False
+    path = data.fetch_mnist(tmp_path, T10K.name, mirrors=[base])           # verified against MNIST_MD5
+    assert path == tmp_path / T10K.name and path.read_bytes() == T10K.read_bytes()
+    assert data.read_idx_images(path).shape == (10_000, 28, 28)
+    assert data.fetch_mnist(tmp_path, T10K.name, mirrors=[dead]) == path   # present: no second download
+    assert len(server.ranges) == 1
+
+
+def test_fetch_mnist_falls_back_to_next_mirror(server, tmp_path, monkeypatch):
+    needs_t10k()
+    server.payload = T10K.read_bytes()
+    good = server.url.removesuffix("file.bin")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{s.getsockname()[1]}/"
+    monkeypatch.setattr(data, "MNIST_MIRRORS", (dead, good))
+    path = data.fetch_mnist(tmp_path, T10K.name)
+    assert path.read_bytes() == T10K.read_bytes()
