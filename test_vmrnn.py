@@ -1,4 +1,4 @@
-"""Tests for vmrnn: equivalence with the authors' code, invariants, shapes, errors.
+"""Tests for vmrnn: the scan, the model (against the authors' fixtures), data, training, README.
 
 Run: python -m pytest -q test_vmrnn.py   (CPU, a few minutes on 2 cores)
 Tests that need ../shared (the authors' fixtures, real MNIST digits) skip with a reason without it.
@@ -7,25 +7,257 @@ Tests that need ../shared (the authors' fixtures, real MNIST digits) skip with a
 import gzip
 import hashlib
 import http.server
+import math
 import pickle
 import socket
 import struct
 import threading
+import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 import data
 import vmrnn
 from data import DataError
-from vmrnn import VMRNN_B, VMRNN_D, cross_merge, cross_scan, load_official_state_dict, paper_model
+from vmrnn import (VMRNN_B, VMRNN_D, cross_merge, cross_scan, load_official_state_dict, paper_model,
+                   selective_scan, selective_scan_ref, selective_scan_torch)
 
 SHARED = Path(__file__).resolve().parent.parent / "shared"
 FIXTURES = SHARED / "fixtures"
 FIXTURE_NAMES = ["mmnist_b_small", "mmnist_d_small", "openstl_b_small"]
+
+
+# ==================================================================================================
+# Selective scan: the parallel PyTorch scan against the float64 loop, the kernel, the dispatcher
+# ==================================================================================================
+
+NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
+
+
+def scan_inputs(b, d, l, n, g, *, init="random", seed=0):
+    """float64 scan inputs. g = 0 gives B, C in the ungrouped (b, n, l) form.
+    init="mamba": A = -(1..n), dt bias = softplus^-1(dt), dt log-uniform in [1e-3, 1e-1].
+    init="large": softplus(delta) in [1, 3] and |A| up to 64, so sum_t delta |A| is in the thousands."""
+    gen = torch.Generator().manual_seed(seed)
+    rand = lambda *shape: torch.rand(*shape, generator=gen, dtype=torch.float64)
+    randn = lambda *shape: torch.randn(*shape, generator=gen, dtype=torch.float64)
+    bc_shape = (b, g, n, l) if g else (b, n, l)
+    x = dict(u=randn(b, d, l), delta=0.5 * randn(b, d, l), A=-0.5 - 4 * rand(d, n),
+             B=randn(*bc_shape), C=randn(*bc_shape), D=randn(d), z=randn(b, d, l),
+             delta_bias=0.1 * randn(d))
+    if init == "mamba":
+        dt = torch.exp(math.log(1e-3) + rand(d) * math.log(100))
+        x.update(A=-torch.arange(1, n + 1, dtype=torch.float64).repeat(d, 1),
+                 delta=0.1 * randn(b, d, l), delta_bias=dt + torch.log(-torch.expm1(-dt)), D=torch.ones(d))
+    elif init == "large":
+        step = 1 + 2 * rand(b, d, l)                                        # softplus(delta) in [1, 3]
+        x.update(A=-torch.exp(math.log(64) * rand(d, n)), delta=step + torch.log(-torch.expm1(-step)),
+                 delta_bias=torch.zeros(d))
+    return x
+
+
+def rel_err(actual, expected):
+    """max |actual - expected| / max |expected| (0 when both are exactly zero)."""
+    diff = (actual.double() - expected).abs().max()
+    return (diff / expected.abs().max()).item() if diff > 0 else 0.0
+
+
+def run(scan, x, dtype, names, **kw):
+    """y, last state and the gradients of a random projection of both w.r.t. the named inputs."""
+    inputs = {k: (v.to(dtype).requires_grad_(k in names) if v is not None else None) for k, v in x.items()}
+    y, last = scan(**inputs, delta_softplus=True, return_last_state=True, **kw)
+    gen = torch.Generator().manual_seed(1)
+    wy, wl = (torch.randn(t.shape, generator=gen, dtype=torch.float64) for t in (y, last))
+    loss = (y * wy.to(y.dtype)).sum() + (last * wl.to(last.dtype)).sum()
+    grads = torch.autograd.grad(loss, [inputs[k] for k in names])
+    return y, last, dict(zip(names, grads))
+
+
+def check_against_loop(x, names, y_tol=1e-5, g_tol=1e-4):
+    y_ref, last_ref, g_ref = run(selective_scan_ref, x, torch.float64, names)
+    y, last, g = run(selective_scan_torch, x, torch.float32, names)
+    assert y.dtype == last.dtype == torch.float32
+    assert torch.isfinite(y).all() and all(torch.isfinite(v).all() for v in g.values())
+    assert rel_err(y, y_ref) < y_tol
+    assert rel_err(last, last_ref) < y_tol
+    for k in names:
+        assert g[k].shape == x[k].shape
+        assert rel_err(g[k], g_ref[k]) < g_tol, k
+
+
+@pytest.mark.parametrize("slab_steps", [None, 32], ids=["one-slab", "slabs-of-32"])
+@pytest.mark.parametrize("gated", [True, False], ids=["D-z", "no-D-z"])
+@pytest.mark.parametrize("g", [4, 0], ids=["grouped", "ungrouped"])
+@pytest.mark.parametrize("l", [1, 7, 64, 300, 1031])
+def test_parallel_scan_matches_loop(l, g, gated, slab_steps, monkeypatch):
+    b, d, n = 2, 8, 4
+    if slab_steps:  # force many slabs so the state and adjoint carries between slabs are exercised
+        monkeypatch.setattr(vmrnn, "_SLAB_ELEMENTS", slab_steps * b * d * n)
+    x = scan_inputs(b, d, l, n, g)
+    if not gated:
+        x.update(D=None, z=None)
+    check_against_loop(x, [k for k in NAMES if x[k] is not None])
+
+
+@pytest.mark.parametrize("init", ["mamba", "large"])
+def test_parallel_scan_matches_loop_at_mamba_init_and_large_steps(init):
+    x = scan_inputs(1, 8, 1031, 16, 4, init=init)
+    if init == "large":
+        steps = F.softplus(x["delta"])
+        assert (steps * x["A"].abs().amax(1)[:, None]).sum(-1).max() > 1000  # exp(sum) would overflow
+    check_against_loop(x, list(NAMES))
+
+
+def test_gradcheck_float64(monkeypatch):
+    monkeypatch.setattr(vmrnn, "_SLAB_ELEMENTS", 8 * 2 * 4 * 3)             # slabs of 8 steps
+    x = scan_inputs(2, 4, 21, 3, 2)
+    inputs = [x[k].requires_grad_() for k in NAMES]
+    f = lambda *args: selective_scan_torch(*args, delta_softplus=True, return_last_state=True)
+    assert torch.autograd.gradcheck(f, inputs)
+
+
+def test_chunked_linear_scan_both_directions():
+    gen = torch.Generator().manual_seed(0)
+    a, x, h0 = torch.rand(24, 3, generator=gen), torch.randn(24, 3, generator=gen), torch.randn(3, generator=gen)
+    for reverse in (False, True):
+        h, expected = h0, torch.empty_like(x)
+        for t in (range(23, -1, -1) if reverse else range(24)):
+            h = expected[t] = a[t] * h + x[t]
+        out = x.clone()
+        last = vmrnn._chunked_linear_scan(a, out, h0, chunk=4, reverse=reverse)
+        torch.testing.assert_close(out, expected)
+        torch.testing.assert_close(last, expected[0] if reverse else expected[-1])
+
+
+def test_return_last_state():
+    x = scan_inputs(2, 8, 50, 4, 4)
+    y, last = selective_scan_torch(**x, return_last_state=True)
+    y_ref, last_ref = selective_scan_ref(**x, return_last_state=True)
+    assert last.shape == (2, 8, 4)
+    assert rel_err(last, last_ref) < 1e-5
+    assert rel_err(y, y_ref) < 1e-5
+    torch.testing.assert_close(selective_scan_torch(**x), y)                # y alone without the flag
+
+
+def test_autocast_bf16_computes_and_returns_float32():
+    x = scan_inputs(2, 8, 300, 4, 4)
+    low = {k: v.to(torch.bfloat16).requires_grad_() for k, v in x.items()}
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = selective_scan_torch(**low, delta_softplus=True)
+    assert y.dtype == torch.float32
+    ref = {k: v.detach().double().requires_grad_() for k, v in low.items()}  # same rounded inputs
+    y_ref = selective_scan_ref(**ref, delta_softplus=True)
+    assert rel_err(y, y_ref) < 1e-5
+    w = torch.randn(y.shape, dtype=torch.float64)
+    (y * w.float()).sum().backward()
+    (y_ref * w).sum().backward()
+    for k in NAMES:
+        assert low[k].grad.dtype == torch.bfloat16
+        assert rel_err(low[k].grad, ref[k].grad) < 1e-2, k                 # bf16 rounding of the grad
+
+
+def test_output_dtype_follows_the_kernel():
+    x = scan_inputs(1, 4, 9, 2, 1)
+    assert selective_scan_torch(**x).dtype == torch.float64                 # the oracle stays float64
+    x32 = {k: v.float() for k, v in x.items()}
+    assert selective_scan_torch(**x32).dtype == torch.float32
+    assert selective_scan_ref(**{k: v.half() for k, v in x.items()}).dtype == torch.float32
+
+
+def test_backward_keeps_no_state_sized_tensor():
+    b, d, l, n, g = 1, 64, 512, 64, 4
+    x = {k: v.float().requires_grad_() for k, v in scan_inputs(b, d, l, n, g).items()}
+    saved = {}
+    def pack(t):
+        saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = selective_scan_torch(**x, delta_softplus=True)
+    state_bytes = b * d * l * n * 4                                         # one (b, d, l, n) fp32 tensor
+    assert max(saved.values()) < state_bytes / 8
+    assert sum(saved.values()) < state_bytes / 4
+    y.sum().backward()                                                      # and backward still works
+    assert all(v.grad is not None for v in x.values())
+
+
+@pytest.mark.skipif(vmrnn._mamba_scan_fn is None or not torch.cuda.is_available(),
+                    reason="needs mamba-ssm and a CUDA device")
+@pytest.mark.parametrize("g", [4, 0], ids=["grouped", "ungrouped"])
+def test_kernel_matches_parallel_scan(g):
+    x = {k: v.float().cuda() for k, v in scan_inputs(2, 64, 300, 16, g, init="mamba").items()}
+    results = []
+    for backend in ("mamba", "torch"):
+        inputs = {k: v.clone().requires_grad_() for k, v in x.items()}
+        y = selective_scan(**inputs, delta_softplus=True, backend=backend)
+        assert vmrnn.last_scan_backend() == backend
+        y.backward(torch.ones_like(y) + torch.arange(y.numel(), device=y.device).view(y.shape) % 3)
+        results.append((y, {k: v.grad for k, v in inputs.items()}))
+    (y_k, g_k), (y_t, g_t) = results
+    assert rel_err(y_k, y_t.double()) < 1e-4
+    for k in NAMES:
+        assert rel_err(g_k[k], g_t[k].double()) < 1e-3, k
+
+
+def test_dispatcher_falls_back_once_when_the_kernel_fails(monkeypatch):
+    calls = []
+    def broken_kernel(*args):  # what a mamba-ssm build without its compiled extension does
+        calls.append(args)
+        raise AttributeError("'NoneType' object has no attribute 'fwd'")
+    monkeypatch.setattr(vmrnn, "_KERNEL_DEVICE_TYPE", "cpu")                # CPU tensors may try it
+    monkeypatch.setattr(vmrnn, "_mamba_scan_fn", broken_kernel)
+    monkeypatch.setattr(vmrnn, "_mamba_works", None)
+    x = {k: v.float() for k, v in scan_inputs(1, 8, 20, 4, 4).items()}
+    with pytest.warns(RuntimeWarning, match="using the PyTorch scan"):
+        y = selective_scan(**x, delta_softplus=True)
+    assert vmrnn.last_scan_backend() == "torch"
+    torch.testing.assert_close(y, selective_scan_torch(**x, delta_softplus=True))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                                      # no second warning
+        selective_scan(**x, delta_softplus=True)
+    assert vmrnn.last_scan_backend() == "torch"
+    assert len(calls) == 1                                                  # probed once, remembered
+    with pytest.raises(RuntimeError, match="backend='mamba'"):
+        selective_scan(**x, backend="mamba")
+
+
+def test_dispatcher_uses_a_working_kernel(monkeypatch):
+    calls = []
+    def kernel(*args):  # a stand-in with the kernel's signature
+        calls.append(args)
+        return selective_scan_ref(*args)
+    monkeypatch.setattr(vmrnn, "_KERNEL_DEVICE_TYPE", "cpu")
+    monkeypatch.setattr(vmrnn, "_mamba_scan_fn", kernel)
+    monkeypatch.setattr(vmrnn, "_mamba_works", None)
+    x = {k: v.float() for k, v in scan_inputs(1, 8, 20, 4, 4).items()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        y = selective_scan(**x, delta_softplus=True)
+    assert vmrnn.last_scan_backend() == "mamba"
+    assert len(calls) == 2                                                  # the probe, then the call
+    torch.testing.assert_close(y, selective_scan_ref(**x, delta_softplus=True))
+    selective_scan(**x, backend="torch")
+    assert vmrnn.last_scan_backend() == "torch"
+
+
+def test_dispatcher_backends_on_cpu(monkeypatch):
+    monkeypatch.setattr(vmrnn, "_mamba_scan_fn", None)
+    monkeypatch.setattr(vmrnn, "_mamba_works", None)
+    x = {k: v.float() for k, v in scan_inputs(2, 8, 40, 4, 4).items()}
+    y_auto = selective_scan(**x, delta_softplus=True)
+    assert vmrnn.last_scan_backend() == "torch"                             # CPU: never the kernel
+    torch.testing.assert_close(y_auto, selective_scan_torch(**x, delta_softplus=True))
+    y_ref = selective_scan(**x, delta_softplus=True, backend="ref")
+    assert vmrnn.last_scan_backend() == "ref"
+    torch.testing.assert_close(y_auto, y_ref, rtol=1e-5, atol=1e-5)
+    with pytest.raises(RuntimeError, match="mamba-ssm"):
+        selective_scan(**x, backend="mamba")
+    with pytest.raises(ValueError, match="backend"):
+        selective_scan(**x, backend="cuda")
 
 
 # --------------------------------------------------------------------------------------------------

@@ -40,42 +40,298 @@ numbers and checkpoint) and offers the paper's form; each place is marked `Note:
 
 import math
 import re
+import warnings
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+try:  # optional CUDA kernel (state-spaces/mamba); everything below also runs without it
+    from mamba_ssm.ops.selective_scan_interface import selective_scan_fn as _mamba_scan_fn
+except ImportError:
+    _mamba_scan_fn = None
+
 
 # --------------------------------------------------------------------------------------------------
-# 1. Selective scan (S6): Mamba Alg. 2, VMRNN Eq. (8)
+# 1. Selective scan (S6): Mamba Alg. 2, VMRNN Fig. 2(c), Eq. (8)
 # --------------------------------------------------------------------------------------------------
+# Tags refer to the Mamba paper (Gu & Dao 2023): eq (2a) h_t = A_bar h_{t-1} + B_bar x_t,
+# eq (2b) y_t = C h_t, eq (4) A_bar = exp(delta A) (zero-order hold); Alg. 2 line 4
+# delta = softplus(parameter + s_delta(x)). As in Mamba's code, B_bar = delta B (Euler), and the
+# SSM input x_t is called u here (x is the state update below). Three implementations share one
+# signature: the loop (the reference), the chunked parallel scan (the default) and the optional
+# CUDA kernel; `selective_scan` picks one.
+
+
+def _compute_dtype(*tensors):
+    """float32 whatever the inputs' dtype (like the CUDA kernel); float64 if an input is float64."""
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                       return_last_state=False):
+    """The selective scan as the literal loop over time: the readable reference the tests trust.
+
+    For every channel d and state index n, from h_0 = 0, for t = 1..l:
+        delta_t = softplus(delta_t + delta_bias)            (bias and softplus optional)
+        h_t = exp(delta_t A) h_{t-1} + delta_t B_t u_t      eq (4), (2a)
+        y_t = sum_n C_t h_t + D u_t, then y_t *= silu(z_t)  eq (2b); D and z optional
+    Shapes follow `mamba_ssm.ops.selective_scan_interface.selective_scan_fn`:
+        u, delta, z: (b, d, l); A: (d, n), real, negative; D, delta_bias: (d,)
+        B, C: (b, g, n, l), group k shared by channels k*d/g .. (k+1)*d/g - 1; or (b, n, l), g = 1
+    Returns y (b, d, l) [and h_l (b, d, n) if return_last_state], computed and returned in
+    float32 whatever the input dtype (float64 if an input is float64).
+    """
+    dtype = _compute_dtype(u, delta, A, B, C)
+    u, delta, A, B, C = (t.to(dtype) for t in (u, delta, A, B, C))
+    b, d, l = u.shape
+    if delta_bias is not None:
+        delta = delta + delta_bias.to(dtype)[:, None]                       # (b, d, l)
+    if delta_softplus:
+        delta = F.softplus(delta)                                           # Alg. 2 line 4
+    B = B[:, None] if B.dim() == 3 else B                                   # (b, g, n, l)
+    C = C[:, None] if C.dim() == 3 else C                                   # (b, g, n, l)
+    B = B.repeat_interleave(d // B.shape[1], dim=1)                         # (b, d, n, l)
+    C = C.repeat_interleave(d // C.shape[1], dim=1)                         # (b, d, n, l)
+    deltaA = torch.exp(torch.einsum("bdl,dn->bdln", delta, A))              # eq (4)
+    deltaB_u = torch.einsum("bdl,bdnl,bdl->bdln", delta, B, u)              # B_bar u = delta B u
+    h = u.new_zeros(b, d, A.shape[1])                                       # (b, d, n)
+    ys = []
+    for dA_t, dBu_t, C_t in zip(deltaA.unbind(2), deltaB_u.unbind(2), C.unbind(3)):
+        h = dA_t * h + dBu_t                                                # eq (2a)
+        ys.append((h * C_t).sum(-1))                                        # eq (2b), (b, d)
+    y = torch.stack(ys, dim=-1)                                             # (b, d, l)
+    if D is not None:
+        y = y + D.to(dtype)[:, None] * u                                    # skip term D u
+    if z is not None:
+        y = y * F.silu(z.to(dtype))                                         # gate
+    return (y, h) if return_last_state else y
+
+
+_CHUNK = 8                  # T: time steps per chunk of the parallel scan
+_SLAB_ELEMENTS = 2 ** 21    # a slab holds about this many state elements (8 MB in float32)
+
+
+def _chunked_linear_scan(a, x, h0, chunk, reverse=False):
+    """Scan h_t = a_t h_{t-1} + x_t along dim 0 from h_{-1} = h0, in place: x becomes h.
+
+    a, x: (S, ...) with S a multiple of `chunk`, a_t in [0, 1]; h0: (...). With reverse=True time
+    runs backwards, h_t = a_t h_{t+1} + x_t from h_S = h0. Returns the last state computed (a copy).
+
+    Why this equals the loop: T steps of the recurrence compose to the affine map
+    h -> (a_T ... a_1) h + e, where e is what the T steps produce from a zero state. So
+    (1) scan all S/T chunks at once from zero (one op per position in the chunk), which gives
+    every chunk's e and, as a product, its decay; (2) chain these maps chunk after chunk to get
+    each chunk's true start state; (3) rescan all chunks at once from their start states. Only
+    products of numbers in [0, 1] are formed, never a division by a cumulative decay nor the
+    exponential of a cumulative sum, so it is exact at any step size (underflow to 0 is the limit).
+    """
+    nc = x.shape[0] // chunk
+    a = a.view(nc, chunk, *a.shape[1:])                                     # (nc, T, ...)
+    x = x.view(nc, chunk, *x.shape[1:])                                     # (nc, T, ...)
+    steps = range(chunk - 1, -1, -1) if reverse else range(chunk)
+    chunks = range(nc - 1, -1, -1) if reverse else range(nc)
+    start = torch.empty_like(x[:, 0])                                       # (nc, ...)
+    start[chunks[0]] = h0
+    if nc > 1:
+        end = x[:, steps[0]].clone()                                        # (1) (nc, ...)
+        for t in steps[1:]:
+            torch.addcmul(x[:, t], a[:, t], end, out=end)                   # eq (2a), all chunks
+        decay = a.prod(dim=1)                                               # (nc, ...)
+        for prev, c in zip(chunks, chunks[1:]):                             # (2)
+            torch.addcmul(end[prev], decay[prev], start[prev], out=start[c])  # eq (2a), per chunk
+    h = start
+    for t in steps:                                                         # (3)
+        h = torch.addcmul(x[:, t], a[:, t], h, out=x[:, t])                 # eq (2a), all chunks
+    return h[chunks[-1]].clone()
+
+
+def _time_major(v, length):
+    """(b, ..., l) -> (length, b * ...): time first, zero-padded to `length` steps."""
+    v = v.reshape(-1, v.shape[-1])                                          # (b ..., l)
+    v = F.pad(v, (0, length - v.shape[-1])) if length > v.shape[-1] else v  # (b ..., length)
+    return v.t().contiguous()                                               # (length, b ...)
+
+
+def _batch_major(v, length):
+    """(L, b * ...) -> (b * ..., length): the first `length` steps, time last."""
+    return v[:length].t().contiguous()                                      # (b ..., length)
+
+
+class _SelectiveScanFn(torch.autograd.Function):
+    """(y, h_l) of y_t = sum_n C_t h_t, h_t = exp(delta_t A) h_{t-1} + delta_t B_t u_t, h_0 = 0.
+
+    u, delta: (b, d, l), delta already through softplus; A: (d, n); B, C: (b, g, n, l).
+    Time is padded with delta = 0 (a = 1, x = 0) to whole slabs of S steps, each cut into chunks
+    of T steps; a slab's (S, b, g, d/g, n) temporaries are the only state-sized memory. Only the
+    inputs and the state at each slab start are saved; backward recomputes the states slab by
+    slab, so training memory is O(b d l) plus one slab, never the (b, d, l, n) states.
+    """
+
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C):
+        (b, d, l), (g, n) = u.shape, B.shape[1:3]
+        T = _CHUNK
+        S = T * max(1, min(_SLAB_ELEMENTS // (T * b * d * n), math.ceil(l / T)))  # steps a slab
+        L = S * math.ceil(l / S)                                            # padded length
+        A = A.view(g, d // g, n)                                            # (g, d/g, n)
+        dt = _time_major(delta, L).view(L, b, g, d // g, 1)                 # (L, b, g, d/g, 1)
+        dtu = _time_major(delta * u, L).view(L, b, g, d // g, 1)            # (L, b, g, d/g, 1)
+        Bt = _time_major(B, L).view(L, b, g, 1, n)                          # (L, b, g, 1, n)
+        Ct = _time_major(C, L).view(L, b, g, 1, n)                          # (L, b, g, 1, n)
+        a = u.new_empty(S, b, g, d // g, n)                                 # a_t of one slab
+        h = u.new_empty(S, b, g, d // g, n)                                 # x_t, then h_t
+        y = u.new_empty(L, b, g, d // g)
+        states = [u.new_zeros(b, g, d // g, n)]                             # h before each slab
+        for s0 in range(0, L, S):
+            sl = slice(s0, s0 + S)
+            torch.exp(torch.mul(dt[sl], A, out=a), out=a)                   # eq (4)
+            torch.mul(dtu[sl], Bt[sl], out=h)                               # x_t = delta_t B_t u_t
+            states.append(_chunked_linear_scan(a, h, states[-1], T))        # eq (2a)
+            torch.sum(h.mul_(Ct[sl]), dim=-1, out=y[sl])                    # eq (2b)
+        ctx.save_for_backward(u, delta, A, B, C, torch.stack(states[:-1]))
+        ctx.sizes = T, S, L
+        y = _batch_major(y.view(L, b * d), l).view(b, d, l)                 # (b, d, l)
+        return y, states[-1].view(b, d, n)
+
+    @staticmethod
+    def backward(ctx, gy, g_last):
+        """The adjoint gh_t = dLoss/dh_t runs the same recurrence backwards in time,
+            gh_t = a_{t+1} gh_{t+1} + C_t gy_t,  gh_l = g_last,
+        and with q_t = gh_t a_t h_{t-1} (a_t = exp(delta_t A), x_t = delta_t B_t u_t):
+            dC_t = sum_(d in group) gy_t h_t          dB_t = sum_(d in group) gh_t delta_t u_t
+            du_t = delta_t sum_n gh_t B_t             ddelta_t = u_t sum_n gh_t B_t + sum_n q_t A
+            dA = sum_(b, t) q_t delta_t
+        """
+        u, delta, A, B, C, states = ctx.saved_tensors
+        T, S, L = ctx.sizes
+        (b, d, l), (g, n) = u.shape, B.shape[1:3]
+        dt = _time_major(delta, L + 1).view(L + 1, b, g, d // g, 1)         # (L+1, b, g, d/g, 1)
+        dtu = _time_major(delta * u, L).view(L, b, g, d // g, 1)            # (L, b, g, d/g, 1)
+        Bt = _time_major(B, L).view(L, b, g, 1, n)                          # (L, b, g, 1, n)
+        Ct = _time_major(C, L).view(L, b, g, 1, n)                          # (L, b, g, 1, n)
+        gyt = _time_major(gy, L).view(L, b, g, d // g, 1)                   # (L, b, g, d/g, 1)
+        a = u.new_empty(S + 1, b, g, d // g, n)                             # a_t, t = s0 .. s0+S
+        h = u.new_empty(S + 1, b, g, d // g, n)                             # h_t, t = s0-1 .. s0+S-1
+        gh = u.new_empty(S, b, g, d // g, n)                                # gh_t, t = s0 .. s0+S-1
+        g_dtu, g_dtA = u.new_empty(L, b, g, d // g), u.new_empty(L, b, g, d // g)
+        gB, gC = u.new_empty(L, b, g, n), u.new_empty(L, b, g, n)
+        gA = torch.zeros_like(A)                                            # (g, d/g, n)
+        carry = g_last.reshape(b, g, d // g, n)                             # gh just after the slab
+        for k, s0 in reversed(list(enumerate(range(0, L, S)))):
+            sl = slice(s0, s0 + S)
+            torch.exp(torch.mul(dt[s0:s0 + S + 1], A, out=a), out=a)        # eq (4)
+            h[0] = states[k]
+            torch.mul(dtu[sl], Bt[sl], out=h[1:])                           # x_t = delta_t B_t u_t
+            _chunked_linear_scan(a[:S], h[1:], states[k], T)                # eq (2a), recomputed
+            torch.mul(gyt[sl], Ct[sl], out=gh)                              # C_t gy_t
+            carry = _chunked_linear_scan(a[1:], gh, carry, T, reverse=True)  # adjoint of eq (2a)
+            hv, ghv = h[1:].view(-1, d // g, n), gh.view(-1, d // g, n)     # (S b g, d/g, n)
+            torch.bmm(gyt[sl].view(-1, 1, d // g), hv, out=gC[sl].view(-1, 1, n))   # dC
+            torch.bmm(dtu[sl].view(-1, 1, d // g), ghv, out=gB[sl].view(-1, 1, n))  # dB
+            ah = a[:S].mul_(h[:S])                                          # a_t h_{t-1}
+            scratch = h[1:]                                                 # h_t is used up
+            torch.sum(torch.mul(gh, Bt[sl], out=scratch), dim=4, out=g_dtu[sl])  # d(delta u)
+            q = gh.mul_(ah)                                                 # q_t = gh_t a_t h_{t-1}
+            torch.sum(torch.mul(q, A, out=scratch), dim=4, out=g_dtA[sl])   # via a_t = exp(delta_t A)
+            gA += torch.mul(q, dt[sl], out=scratch).sum((0, 1))             # dA
+        g_dtu = _batch_major(g_dtu.view(L, b * d), l).view(b, d, l)         # (b, d, l)
+        g_dtA = _batch_major(g_dtA.view(L, b * d), l).view(b, d, l)         # (b, d, l)
+        gB = _batch_major(gB.view(L, b * g * n), l).view(b, g, n, l)        # (b, g, n, l)
+        gC = _batch_major(gC.view(L, b * g * n), l).view(b, g, n, l)        # (b, g, n, l)
+        return g_dtu * delta, g_dtu * u + g_dtA, gA.view(d, n), gB, gC
+
+
+def selective_scan_torch(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                         return_last_state=False):
+    """The selective scan in pure PyTorch, parallel over chunks of time: the default backend.
+
+    Same signature, shapes and result as `selective_scan_ref` (up to float32 rounding), with
+    about one Python-level step per position within a chunk instead of one per time step (see
+    `_chunked_linear_scan`), and a backward that recomputes the states instead of storing them.
+    Runs on any device. Under autocast it still computes in float32 and returns float32;
+    gradients reach the inputs in their own dtype. Unlike the CUDA kernel's, the returned last
+    state is differentiable.
+    """
+    dtype = _compute_dtype(u, delta, A, B, C)
+    with torch.autocast(u.device.type, enabled=False):
+        u, delta, A, B, C = (t.to(dtype) for t in (u, delta, A, B, C))
+        if delta_bias is not None:
+            delta = delta + delta_bias.to(dtype)[:, None]                   # (b, d, l)
+        if delta_softplus:
+            delta = F.softplus(delta)                                       # Alg. 2 line 4
+        B = B[:, None] if B.dim() == 3 else B                               # (b, g, n, l)
+        C = C[:, None] if C.dim() == 3 else C                               # (b, g, n, l)
+        y, last_state = _SelectiveScanFn.apply(u, delta, A, B, C)           # eq (4), (2a), (2b)
+        if D is not None:
+            y = y + D.to(dtype)[:, None] * u                                # skip term D u
+        if z is not None:
+            y = y * F.silu(z.to(dtype))                                     # gate
+    return (y, last_state) if return_last_state else y
+
+
+# Backend choice. Some mamba-ssm builds import fine but fail when called (CUDA extension not
+# compiled, or not for this GPU), so the kernel is probed once, on the first call that could use
+# it, and the outcome is remembered.
+_KERNEL_DEVICE_TYPE = "cuda"    # the only device type the mamba-ssm kernel runs on
+_mamba_works = None             # None until probed, then True or False
+_last_backend = None            # "mamba", "torch" or "ref": what the last selective_scan ran
+
+
+def last_scan_backend():
+    """Which backend ran the most recent `selective_scan` call: "mamba", "torch" or "ref"."""
+    return _last_backend
+
+
+def _mamba_kernel_works(device):
+    """Whether the mamba-ssm kernel runs: tried once on a tiny scan on `device`, then remembered.
+    A failure gives one warning; backend="auto" then uses the PyTorch scan."""
+    global _mamba_works
+    if _mamba_works is None:
+        _mamba_works = _mamba_scan_fn is not None
+        if _mamba_works:
+            u = torch.ones(1, 2, 8, device=device)                          # (b, d, l)
+            BC = torch.ones(1, 1, 4, 8, device=device)                      # (b, g, n, l)
+            try:
+                _mamba_scan(u, u, -torch.ones(2, 4, device=device), BC, BC)
+            except (AttributeError, RuntimeError, NotImplementedError) as error:
+                warnings.warn(f"mamba-ssm is installed but its selective-scan kernel fails on "
+                              f"{device} ({type(error).__name__}: {error}); using the PyTorch scan",
+                              RuntimeWarning, stacklevel=3)
+                _mamba_works = False
+    return _mamba_works
+
+
+def _mamba_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                return_last_state=False):
+    """mamba-ssm's `selective_scan_fn` on float32 copies, so it returns float32 like the others."""
+    f32 = lambda t: None if t is None else t.float()
+    with torch.autocast(u.device.type, enabled=False):
+        return _mamba_scan_fn(*map(f32, (u, delta, A, B, C, D, z, delta_bias)), delta_softplus,
+                              return_last_state)
+
 
 def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
                    return_last_state=False, *, backend="auto"):
-    """Temporary sequential scan (replaced by the parallel scan)."""
-    dtype = torch.float64 if u.dtype == torch.float64 else torch.float32
-    u, delta, A, B, C = (t.to(dtype) for t in (u, delta, A, B, C))
-    if delta_bias is not None:
-        delta = delta + delta_bias.to(dtype)[:, None]
-    if delta_softplus:
-        delta = F.softplus(delta)
-    b, d, l = u.shape
-    if B.dim() == 3:
-        B, C = B.unsqueeze(1), C.unsqueeze(1)
-    g = B.shape[1]
-    B = B.repeat_interleave(d // g, dim=1)  # (b, d, n, l)
-    C = C.repeat_interleave(d // g, dim=1)
-    h = u.new_zeros(b, d, A.shape[1])
-    ys = []
-    for i in range(l):
-        h = torch.exp(delta[:, :, i, None] * A) * h + (delta[:, :, i] * u[:, :, i])[..., None] * B[..., i]
-        ys.append((h * C[..., i]).sum(-1))
-    y = torch.stack(ys, dim=-1)
-    if D is not None:
-        y = y + u * D.to(dtype)[:, None]
-    if z is not None:
-        y = y * F.silu(z.to(dtype))
-    return (y, h) if return_last_state else y
+    """The selective scan, eq (4), (2a), (2b): arguments, shapes and result as `selective_scan_ref`.
+
+    backend: "auto" runs the mamba-ssm CUDA kernel for CUDA tensors when it is installed and
+    works, else the PyTorch parallel scan; "torch" the parallel scan (any device); "ref" the loop;
+    "mamba" the kernel, or a RuntimeError when it cannot run. `last_scan_backend()` tells which
+    ran. The kernel does not back-propagate into the returned last state; the others do.
+    """
+    global _last_backend
+    kernel_ok = lambda: u.device.type == _KERNEL_DEVICE_TYPE and _mamba_kernel_works(u.device)
+    if backend == "auto":
+        backend = "mamba" if kernel_ok() else "torch"
+    elif backend == "mamba" and not kernel_ok():
+        raise RuntimeError("backend='mamba' needs CUDA tensors and mamba-ssm with a working kernel "
+                           "(pip install mamba-ssm)")
+    scans = {"mamba": _mamba_scan, "torch": selective_scan_torch, "ref": selective_scan_ref}
+    if backend not in scans:
+        raise ValueError(f"backend must be 'auto', 'torch', 'ref' or 'mamba', not {backend!r}")
+    _last_backend = backend
+    return scans[backend](u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
 
 
 # --------------------------------------------------------------------------------------------------
