@@ -14,13 +14,14 @@ Sections:
   4. Parameters and FLOPs of the Table 1 models, in the papers' convention (fvcore's
      multiply-accumulates over the whole rollout at batch 1), with and without the selective scan.
 
-Peak memory on CPU is ru_maxrss of a fresh process per case (it includes Python and torch,
+Peak memory on CPU is the peak resident memory (VmHWM) of a fresh process per case (it includes Python and torch,
 about 300 MB); on CUDA it is torch.cuda.max_memory_allocated.
 """
 
 import argparse
 import math
 import multiprocessing
+import os
 import resource
 import time
 
@@ -50,10 +51,18 @@ def timed(fn, device, repeats=3):
 
 
 def _rss_after(case, args):
-    """In a fresh process: run case(*args) once, return the process's peak RSS in MB."""
+    """In a fresh process: run case(*args) once, return the process's peak resident memory, MB.
+
+    Read from VmHWM: ru_maxrss would also count the parent's peak, which Linux carries across the
+    fork + exec that starts the process.
+    """
     torch.set_num_threads(2)
     case(*args)
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024          # KB on Linux
+    try:
+        with open("/proc/self/status") as status:
+            return next(int(l.split()[1]) for l in status if l.startswith("VmHWM")) / 1024
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024      # KB on Linux
 
 
 def peak_mb(case, args, device):
@@ -131,8 +140,9 @@ def bench_scan(device, quick):
     if device == "cuda" and vmrnn._mamba_kernel_works(torch.device("cuda")):
         methods.append("mamba")
     print(f"\n## Selective scan on {device} ({torch.get_num_threads()} threads), best of {repeats}; "
-          f"x = the loop's time (or memory) / the method's")
-    print("| shape | (b, d, l, n, g) | method | fwd s | x | fwd+bwd s | x | peak MB | x |")
+          f"speed-up = loop time / method time; memory = method peak / loop peak")
+    print("| shape | (b, d, l, n, g) | method | fwd s | speed-up | fwd+bwd s | speed-up | peak MB | "
+          "memory |")
     print("|---|---|---|---|---|---|---|---|---|")
     for name, *shape in shapes:
         results = {}
@@ -142,9 +152,8 @@ def bench_scan(device, quick):
                           peak_mb(scan_case, (m, shape, device, True), device))
         base = results["loop"]
         for m, r in results.items():
-            x = [base[i] / r[i] for i in range(3)]
-            print(f"| {name} | {tuple(shape)} | {m} | {r[0]:.3f} | {x[0]:.2f} | {r[1]:.3f} | "
-                  f"{x[1]:.2f} | {r[2]:.0f} | {x[2]:.2f} |")
+            print(f"| {name} | {tuple(shape)} | {m} | {r[0]:.3f} | {base[0] / r[0]:.2f}x | "
+                  f"{r[1]:.3f} | {base[1] / r[1]:.2f}x | {r[2]:.0f} | {r[2] / base[2]:.2f}x |")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -299,7 +308,8 @@ def main(argv=None):
     torch.set_num_threads(2)
     print(f"# bench.py: torch {torch.__version__}, device {args.device}"
           + (f" ({torch.cuda.get_device_name()})" if args.device == "cuda" else
-             f" ({torch.get_num_threads()} threads)") + (", QUICK (not numbers)" if args.quick else ""))
+             f" ({torch.get_num_threads()} threads)") + (", QUICK (not numbers)" if args.quick else "")
+          + f"; load average {os.getloadavg()[0]:.1f}")
     if "scan" in args.only:
         bench_scan(args.device, args.quick)
     if "models" in args.only:
@@ -308,6 +318,8 @@ def main(argv=None):
         bench_data(args.quick)
     if "flops" in args.only:
         bench_flops(args.quick)
+    print(f"\nload average (1 min) at the end: {os.getloadavg()[0]:.1f} (other work on the machine "
+          f"slows multi-threaded ops most)")
 
 
 if __name__ == "__main__":

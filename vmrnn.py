@@ -133,16 +133,18 @@ def _chunked_linear_scan(a, x, h0, chunk, reverse=False):
     chunks = range(nc - 1, -1, -1) if reverse else range(nc)
     start = torch.empty_like(x[:, 0])                                       # (nc, ...)
     start[chunks[0]] = h0
-    if nc > 1:
-        end = x[:, steps[0]].clone()                                        # (1) (nc, ...)
+    if nc > 1:  # (1) every chunk from a zero state, all at once: its end state e and its decay
+        end = x[:, steps[0]].clone()                                        # (nc, ...)
         for t in steps[1:]:
-            torch.addcmul(x[:, t], a[:, t], end, out=end)                   # eq (2a), all chunks
+            torch.addcmul(x[:, t], a[:, t], end, out=end)                   # eq (2a)
         decay = a.prod(dim=1)                                               # (nc, ...)
-        for prev, c in zip(chunks, chunks[1:]):                             # (2)
+        # (2) chain the chunks: start_c = decay_{c-1} start_{c-1} + e_{c-1}
+        for prev, c in zip(chunks, chunks[1:]):
             torch.addcmul(end[prev], decay[prev], start[prev], out=start[c])  # eq (2a), per chunk
+    # (3) rescan every chunk from its start state, all at once, in place
     h = start
-    for t in steps:                                                         # (3)
-        h = torch.addcmul(x[:, t], a[:, t], h, out=x[:, t])                 # eq (2a), all chunks
+    for t in steps:
+        h = torch.addcmul(x[:, t], a[:, t], h, out=x[:, t])                 # eq (2a)
     return h[chunks[-1]].clone()
 
 
@@ -174,7 +176,7 @@ class _SelectiveScanFn(torch.autograd.Function):
         T = _CHUNK
         S = T * max(1, min(_SLAB_ELEMENTS // (T * b * d * n), math.ceil(l / T)))  # steps a slab
         L = S * math.ceil(l / S)                                            # padded length
-        A = A.view(g, d // g, n)                                            # (g, d/g, n)
+        A = A.reshape(g, d // g, n)                                         # (g, d/g, n)
         dt = _time_major(delta, L).view(L, b, g, d // g, 1)                 # (L, b, g, d/g, 1)
         dtu = _time_major(delta * u, L).view(L, b, g, d // g, 1)            # (L, b, g, d/g, 1)
         Bt = _time_major(B, L).view(L, b, g, 1, n)                          # (L, b, g, 1, n)
@@ -211,11 +213,12 @@ class _SelectiveScanFn(torch.autograd.Function):
         Bt = _time_major(B, L).view(L, b, g, 1, n)                          # (L, b, g, 1, n)
         Ct = _time_major(C, L).view(L, b, g, 1, n)                          # (L, b, g, 1, n)
         gyt = _time_major(gy, L).view(L, b, g, d // g, 1)                   # (L, b, g, d/g, 1)
-        a = u.new_empty(S + 1, b, g, d // g, n)                             # a_t, t = s0 .. s0+S
-        h = u.new_empty(S + 1, b, g, d // g, n)                             # h_t, t = s0-1 .. s0+S-1
-        gh = u.new_empty(S, b, g, d // g, n)                                # gh_t, t = s0 .. s0+S-1
-        g_dtu, g_dtA = u.new_empty(L, b, g, d // g), u.new_empty(L, b, g, d // g)
-        gB, gC = u.new_empty(L, b, g, n), u.new_empty(L, b, g, n)
+        a = u.new_empty(S + 1, b, g, d // g, n)                             # a_t, s0 <= t <= s0+S
+        h = u.new_empty(S + 1, b, g, d // g, n)                             # h_t, s0-1 <= t < s0+S
+        gh = u.new_empty(S, b, g, d // g, n)                                # gh_t, s0 <= t < s0+S
+        g_dtu = u.new_empty(L, b, g, d // g)                                # sum_n gh_t B_t
+        g_dtA = u.new_empty(L, b, g, d // g)                                # sum_n q_t A
+        gB, gC = u.new_empty(L, b, g, n), u.new_empty(L, b, g, n)           # (L, b, g, n)
         gA = torch.zeros_like(A)                                            # (g, d/g, n)
         carry = g_last.reshape(b, g, d // g, n)                             # gh just after the slab
         for k, s0 in reversed(list(enumerate(range(0, L, S)))):
@@ -233,7 +236,7 @@ class _SelectiveScanFn(torch.autograd.Function):
             scratch = h[1:]                                                 # h_t is used up
             torch.sum(torch.mul(gh, Bt[sl], out=scratch), dim=4, out=g_dtu[sl])  # d(delta u)
             q = gh.mul_(ah)                                                 # q_t = gh_t a_t h_{t-1}
-            torch.sum(torch.mul(q, A, out=scratch), dim=4, out=g_dtA[sl])   # via a_t = exp(delta_t A)
+            torch.sum(torch.mul(q, A, out=scratch), dim=4, out=g_dtA[sl])   # via a_t = exp(dt_t A)
             gA += torch.mul(q, dt[sl], out=scratch).sum((0, 1))             # dA
         g_dtu = _batch_major(g_dtu.view(L, b * d), l).view(b, d, l)         # (b, d, l)
         g_dtA = _batch_major(g_dtA.view(L, b * d), l).view(b, d, l)         # (b, d, l)
@@ -321,12 +324,12 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     ran. The kernel does not back-propagate into the returned last state; the others do.
     """
     global _last_backend
-    kernel_ok = lambda: u.device.type == _KERNEL_DEVICE_TYPE and _mamba_kernel_works(u.device)
-    if backend == "auto":
-        backend = "mamba" if kernel_ok() else "torch"
-    elif backend == "mamba" and not kernel_ok():
-        raise RuntimeError("backend='mamba' needs CUDA tensors and mamba-ssm with a working kernel "
-                           "(pip install mamba-ssm)")
+    if backend in ("auto", "mamba"):
+        kernel_ok = u.device.type == _KERNEL_DEVICE_TYPE and _mamba_kernel_works(u.device)
+        if backend == "mamba" and not kernel_ok:
+            raise RuntimeError("backend='mamba' needs CUDA tensors and mamba-ssm with a working "
+                               "kernel (pip install mamba-ssm)")
+        backend = "mamba" if kernel_ok else "torch"
     scans = {"mamba": _mamba_scan, "torch": selective_scan_torch, "ref": selective_scan_ref}
     if backend not in scans:
         raise ValueError(f"backend must be 'auto', 'torch', 'ref' or 'mamba', not {backend!r}")
