@@ -168,11 +168,9 @@ PAPER = {
 }
 
 
-def model_case(name, device, quick, train, batch=1, repeats=1):
+def model_case(name, device, quick, train, t_in, t_out, repeats=1, batch=1):
     """Seconds of one training step (rollout, loss, backward, Adam) or one inference rollout."""
-    p = PAPER[name]
     model = vmrnn.paper_model(name, **(dict(embed_dim=16) if quick else {})).to(device)
-    t_in, t_out = (2, 1) if quick else (p["t_in"], p["t_out"])
     frames = torch.rand(batch, t_in + t_out, model.in_chans, *model.img_size, device=device)
     opt = torch.optim.Adam(model.parameters(), lr=1e-4)
 
@@ -196,11 +194,16 @@ def bench_models(device, quick):
     print("| model | rollout | train step seq/s | inference seq/s | peak MB (train step) |")
     print("|---|---|---|---|---|")
     for name, p in PAPER.items():
-        train_s = model_case(name, device, quick, train=True)
-        infer_s = model_case(name, device, quick, train=False)
-        mem = peak_mb(model_case, (name, device, quick, True, 1, 0), device)
-        rollout = "2->1 (quick)" if quick else f"{p['t_in']}->{p['t_out']}"
-        print(f"| {name} | {rollout} | {1 / train_s:.3f} | {1 / infer_s:.3f} | {mem:.0f} |")
+        infer = (2, 1) if quick else (p["t_in"], p["t_out"])
+        # KTH's 29-frame training rollout keeps about 30 GB of activations at batch 1 (174 SS2D
+        # calls on a 64x64 grid): more than a 24 GB CPU machine has, so train it on 10 -> 2 there.
+        train = (10, 2) if name == "kth" and device == "cpu" and not quick else infer
+        train_s = model_case(name, device, quick, True, *train)
+        infer_s = model_case(name, device, quick, False, *infer)
+        mem = peak_mb(model_case, (name, device, quick, True, *train, 0), device)
+        print(f"| {name} | {infer[0]}->{infer[1]}{' (quick)' if quick else ''} | {1 / train_s:.3f}"
+              f"{f' (at {train[0]}->{train[1]})' if train != infer else ''} | {1 / infer_s:.3f} | "
+              f"{mem:.0f} |")
 
 
 # --------------------------------------------------------------------------------------------------

@@ -4,13 +4,19 @@ Run: python -m pytest -q test_vmrnn.py   (CPU, a few minutes on 2 cores)
 Tests that need ../shared (the authors' fixtures, real MNIST digits) skip with a reason without it.
 """
 
+import csv
 import gzip
 import hashlib
 import http.server
 import math
+import os
 import pickle
+import re
+import shutil
 import socket
 import struct
+import subprocess
+import sys
 import threading
 import warnings
 from pathlib import Path
@@ -20,14 +26,18 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from skimage.metrics import structural_similarity
 
 import data
+import train
 import vmrnn
 from data import DataError
 from vmrnn import (VMRNN_B, VMRNN_D, cross_merge, cross_scan, load_official_state_dict, paper_model,
                    selective_scan, selective_scan_ref, selective_scan_torch)
 
-SHARED = Path(__file__).resolve().parent.parent / "shared"
+ROOT = Path(__file__).resolve().parent
+SHARED = ROOT.parent / "shared"
+T10K = SHARED / "data" / "t10k-images-idx3-ubyte.gz"
 FIXTURES = SHARED / "fixtures"
 FIXTURE_NAMES = ["mmnist_b_small", "mmnist_d_small", "openstl_b_small"]
 
@@ -497,8 +507,6 @@ def test_unknown_keyword_raises():
 # data.py: generators, file readers, downloads (against a local HTTP server on 127.0.0.1)
 # ==================================================================================================
 
-SHARED_DATA = SHARED / "data"
-T10K = SHARED_DATA / "t10k-images-idx3-ubyte.gz"
 
 
 def needs_t10k():
@@ -1091,3 +1099,313 @@ def test_fetch_mnist_falls_back_to_next_mirror(server, tmp_path, monkeypatch):
     monkeypatch.setattr(data, "MNIST_MIRRORS", (dead, good))
     path = data.fetch_mnist(tmp_path, T10K.name)
     assert path.read_bytes() == T10K.read_bytes()
+
+# ==================================================================================================
+# train.py: metrics, pictures, schedule, and end-to-end CPU runs on tiny models
+# ==================================================================================================
+
+# A model and data small enough for a step in well under a second: 16x16 frames, 2 -> 2, width 16, one block.
+TINY = ["--data", "shapes", "--image-size", "16", "--input-frames", "2", "--output-frames", "2",
+        "--embed-dim", "16", "--depths", "1", "--batch-size", "2", "--train-length", "6", "--val-samples", "3",
+        "--num-workers", "0", "--log-every", "1", "--device", "cpu", "--seed", "3"]
+
+
+def train_run(out, *extra):
+    return train.main(TINY + ["--out", str(out), *extra])
+
+
+def weights(path):
+    return torch.load(path, weights_only=True)["model"]
+
+
+def assert_same_weights(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def error_message(argv, capsys):
+    """Run main(argv), expect SystemExit, return its message (parser errors go to stderr)."""
+    with pytest.raises(SystemExit) as e:
+        train.main(argv)
+    assert e.value.code not in (0, None)
+    return f"{e.value.code} {capsys.readouterr().err}"
+
+
+# --------------------------------------------------------------------------------------------------
+# Metrics, schedule, pictures: pure functions
+# --------------------------------------------------------------------------------------------------
+
+def test_mse_mae_are_per_frame_sums():
+    target = np.zeros((2, 3, 1, 4, 4))
+    pred = np.zeros((2, 3, 1, 4, 4))
+    pred[0, 1, 0, :2, :] = 0.5                           # 8 pixels off by 0.5 in one frame
+    pred[1, 2] = 1.0                                     # a whole frame off by 1 (16 pixels)
+    mse, mae = train.mse_per_frame(pred, target), train.mae_per_frame(pred, target)
+    assert mse.shape == mae.shape == (2, 3)
+    assert mse[0, 1] == pytest.approx(8 * 0.25) and mae[0, 1] == pytest.approx(8 * 0.5)
+    assert mse[1, 2] == pytest.approx(16.0) and mae[1, 2] == pytest.approx(16.0)
+    assert mse.mean() == pytest.approx((2 + 16) / 6)     # the reported MSE: mean over sequences and frames
+    assert mse.sum() - mse[0, 1] - mse[1, 2] == 0
+
+
+def test_ssim_data_range_conventions():
+    rng = np.random.default_rng(0)
+    target = np.zeros((1, 2, 1, 32, 32))
+    target[..., 8:20, 10:22] = 0.9                       # a dark frame with a bright square, like a digit
+    pred = np.clip(np.roll(target, 2, axis=-1) + 0.05 * rng.standard_normal(target.shape), 0, 1)
+    dr1, dr2 = train.ssim_per_frame(pred, target, 1.0), train.ssim_per_frame(pred, target, 2.0)
+    direct = [structural_similarity(target[0, j, 0], pred[0, j, 0], data_range=1.0) for j in range(2)]
+    np.testing.assert_allclose(dr1[0], direct)
+    assert np.all(dr2 > dr1 + 0.1)                       # data_range=2 inflates SSIM: the two must be labelled
+    assert train.ssim_per_frame(target, target, 1.0) == pytest.approx(np.ones((1, 2)))
+
+
+def test_psnr_in_float_even_for_uint8():
+    target = np.full((1, 1, 1, 4, 4), 200, np.uint8)
+    pred = np.zeros((1, 1, 1, 4, 4), np.uint8)           # uint8 differences would wrap: (0 - 200) % 256 = 56
+    expected = 20 * np.log10(255) - 10 * np.log10(200 ** 2)
+    assert train.psnr_per_frame(pred, target)[0, 0] == pytest.approx(expected)       # about 2.11 dB
+    wrapped = 20 * np.log10(255) - 10 * np.log10(float(((pred - target) ** 2).mean()))
+    assert abs(wrapped - expected) > 1                   # what the bug would give is far off
+    f = np.full((1, 1, 1, 4, 4), 0.25)
+    assert train.psnr_per_frame(np.zeros_like(f), f)[0, 0] == pytest.approx(10 * np.log10(1 / 0.0625))
+
+
+def test_learning_rate_schedules():
+    cfg = dict(lr=4e-4, warmup_epochs=5, schedule="cosine", epochs=200)
+    assert train.learning_rate(0, cfg) == pytest.approx(train.WARMUP_LR)
+    assert train.learning_rate(4, cfg) == pytest.approx(train.WARMUP_LR + 4 * (4e-4 - train.WARMUP_LR) / 5)
+    assert train.learning_rate(100, cfg) == pytest.approx((4e-4 + train.MIN_LR) / 2)
+    assert train.learning_rate(199, cfg) < 1e-6 + 1e-7
+    assert train.learning_rate(7, dict(cfg, schedule="constant")) == 4e-4
+
+
+def test_sample_grid_layout():
+    frames = np.random.default_rng(0).random((2, 7, 2, 32, 32))            # 2 sequences, 4 -> 3, 2 channels
+    image = train.sample_grid(frames, frames[:, 4:], 4, with_error=True)
+    rows, tile = 2 * 2 * 4, 64                                              # seq x channel x 4 rows, 32 px x2
+    assert image.dtype == np.uint8
+    assert image.shape == (2 + rows * (tile + 2) + 8, 48 + 4 * (tile + 2) + 2)
+    y, x = 2 + 3 * (tile + 2), 48 + 2                                       # first |error| tile: exact -> 0
+    assert image[y:y + tile, x:x + tile].max() == 0
+
+
+# --------------------------------------------------------------------------------------------------
+# End-to-end runs on "shapes"
+# --------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    """4 steps in one go: 3 steps per epoch (6 sequences, batch 2), so the run crosses an epoch boundary."""
+    out = tmp_path_factory.mktemp("straight")
+    return out, train_run(out, "--max-steps", "4")
+
+
+def test_run_folder_is_well_formed(straight):
+    out, result = straight
+    assert result["step"] == 4 and result["epoch"] == 1
+    ckpt = torch.load(out / "ckpt_last.pt", weights_only=True)
+    assert {"model", "optimizer", "scaler", "scheduler", "rng", "config", "step", "epoch"} <= ckpt.keys()
+    assert ckpt["step"] == 4 and ckpt["epoch"] == 1 and ckpt["batch_in_epoch"] == 1
+    assert ckpt["config"]["model"] == "vmrnn-b" and ckpt["config"]["depths"] == [1]
+    assert torch.load(out / "ckpt_best.pt", weights_only=True)["best_mse"] == pytest.approx(result["best_mse"])
+    with open(out / "log.csv", newline="") as f:
+        reader = csv.DictReader(f)
+        rows = list(reader)
+    assert reader.fieldnames == train.CSV_FIELDS
+    assert [(r["kind"], int(r["step"])) for r in rows] == \
+        [("train", 1), ("train", 2), ("train", 3), ("eval", 3), ("train", 4), ("eval", 4)]
+    assert all(float(r["loss"]) > 0 for r in rows if r["kind"] == "train")
+    last = rows[-1]
+    assert float(last["mse"]) == pytest.approx(result["metrics"]["mse"], rel=1e-5)
+    assert len(last["mse_per_frame"].split()) == 2
+    for name in ("samples.png", "samples_best.png"):
+        with Image.open(out / name) as image:
+            # 3 sequences x 3 rows (input, truth, pred) of 2 frames, 16 px enlarged to 64
+            assert image.format == "PNG" and image.size == (48 + 2 * 66 + 2, 2 + 9 * 66 + 3 * 8 - 8)
+    m = result["metrics"]
+    assert m["sequences"] == 3 and len(m["mse_per_frame"]) == 2
+    assert np.mean(m["mse_per_frame"]) == pytest.approx(m["mse"])
+    assert 0 < m["mse"] < 256 and 0 < m["mae"] < 256 and -1 < m["ssim_dr1"] < m["ssim"] < 1
+
+
+def test_resume_is_exact(straight, tmp_path):
+    out, _ = straight
+    first = train_run(tmp_path, "--max-steps", "2")                       # stops mid-epoch 0
+    assert first["step"] == 2
+    second = train.main(["--resume", "--out", str(tmp_path), "--max-steps", "4", "--device", "cpu",
+                         "--num-workers", "0"])
+    assert second["step"] == 4
+    assert_same_weights(weights(tmp_path / "ckpt_last.pt"), weights(out / "ckpt_last.pt"))
+    assert second["metrics"]["mse"] == torch.load(out / "ckpt_last.pt", weights_only=True)["metrics"]["mse"]
+    with open(tmp_path / "log.csv", newline="") as f:
+        steps = [(r["kind"], int(r["step"])) for r in csv.DictReader(f)]
+    assert steps == [("train", 1), ("train", 2), ("eval", 2), ("train", 3), ("eval", 3), ("train", 4), ("eval", 4)]
+
+
+def test_eval_only_from_our_checkpoint(straight):
+    out, result = straight
+    again = train.main(["--eval-only", "--ckpt", str(out / "ckpt_last.pt"), "--device", "cpu",
+                        "--num-workers", "0"])
+    assert again["metrics"]["mse"] == result["metrics"]["mse"]
+    assert again["metrics"]["ssim"] == result["metrics"]["ssim"]
+
+
+def test_eval_only_from_authors_state_dict(tmp_path):
+    path = SHARED / "fixtures" / "mmnist_b_small.pt"
+    if not path.exists():
+        pytest.skip(f"{path} not found: the official fixtures live in ../shared beside the checkout")
+    fixture = torch.load(path, weights_only=True)
+    cfg = fixture["config"]                                          # img 16, patch 2, embed 32, depths [2]
+    argv = ["--data", "shapes", "--image-size", str(cfg["img_size"]), "--model", "vmrnn-b",
+            "--patch-size", str(cfg["patch_size"]), "--embed-dim", str(cfg["embed_dim"]),
+            "--depths", *map(str, cfg["depths"]), "--input-frames", "2", "--output-frames", "2",
+            "--val-samples", "2", "--num-workers", "0", "--device", "cpu", "--eval-only", "--ckpt", str(path),
+            "--out", str(tmp_path)]
+    result = train.main(argv)
+    model = result["model"].eval()
+    with torch.no_grad():
+        outputs = model(fixture["inputs"], fixture["T_out"])
+    torch.testing.assert_close(outputs, fixture["outputs"], atol=1e-5, rtol=0)   # the weights really loaded
+    assert result["metrics"]["sequences"] == 2 and np.isfinite(result["metrics"]["mse"])
+    assert (tmp_path / "samples_eval.png").exists()
+    torch.save(fixture["state_dict"], tmp_path / "bare.pt")                      # the authors' bare format
+    bad = [a if a != str(path) else str(tmp_path / "bare.pt") for a in argv]
+    bad[bad.index("--embed-dim") + 1] = "16"
+    with pytest.raises(SystemExit, match="does not fit"):
+        train.main(bad)
+
+
+def test_nan_loss_stops_and_keeps_the_checkpoint(straight, tmp_path, monkeypatch, capsys):
+    out, _ = straight
+    run_dir = tmp_path / "run"
+    shutil.copytree(out, run_dir)
+    before = (run_dir / "ckpt_last.pt").read_bytes()
+    monkeypatch.setattr(train, "compute_loss", lambda pred, target, kind: pred.sum() * float("nan"))
+    message = error_message(["--resume", "--out", str(run_dir), "--max-steps", "6", "--device", "cpu",
+                             "--num-workers", "0"], capsys)
+    assert "loss is nan at step 5" in message and "ckpt_last.pt" in message
+    assert (run_dir / "ckpt_last.pt").read_bytes() == before
+    assert torch.load(run_dir / "ckpt_last.pt", weights_only=True)["step"] == 4
+
+
+def test_ddp_two_processes_keep_identical_weights(tmp_path):
+    worker = tmp_path / "worker.py"
+    worker.write_text("import os, sys, torch\n"
+                      f"sys.path.insert(0, {str(ROOT)!r})\n"
+                      "import train\n"
+                      "result = train.main(sys.argv[1:])\n"
+                      f"torch.save(result['model'].state_dict(), os.path.join({str(tmp_path)!r}, "
+                      "f\"rank{os.environ['RANK']}.pt\"))\n")
+    argv = [a if a != "6" else "8" for a in TINY]                     # 8 sequences: 2 steps of 2 per rank
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(worker), *argv, "--max-steps", "2", "--out", str(tmp_path / "run")],
+                          capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert_same_weights(rank0, rank1)
+    assert_same_weights(rank0, weights(tmp_path / "run" / "ckpt_last.pt"))
+    ckpt = torch.load(tmp_path / "run" / "ckpt_last.pt", weights_only=True)
+    assert ckpt["step"] == 2 and ckpt["world_size"] == 2 and len(ckpt["rng"]) == 2
+    assert ckpt["metrics"]["sequences"] == 3                         # 3 val sequences split 2 + 1, all-reduced
+    start = train.build_model(ckpt["config"] | {"drop_path": 0.1}, 1, 16).state_dict()
+    assert any(not torch.equal(start[k], rank0[k]) for k in rank0)    # the weights did train
+
+
+# --------------------------------------------------------------------------------------------------
+# Errors: one readable line, no traceback
+# --------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("extra, expected", [
+    (["--model", "vmrnn-d", "--depths", "2", "6"], "--depths: vmrnn-d takes 4"),
+    (["--depths", "2", "2"], "--depths: vmrnn-b takes 1"),
+    (["--image-size", "17"], "not divisible by patch_size 2"),
+    (["--eval-only"], "--eval-only needs --ckpt"),
+    (["--resume"], "no checkpoint"),
+    (["--batch-size", "0"], "--batch-size must be >= 1"),
+    (["--batch-size", "8"], "make no batch of 8"),
+    (["--digits-file", "x.gz"], "--digits-file applies to --data mmnist only"),
+])
+def test_bad_flags(extra, expected, tmp_path, capsys):
+    argv = TINY + ["--out", str(tmp_path / "run"), *extra]
+    if "--resume" in extra:
+        argv = ["--resume", "--out", str(tmp_path)]
+    assert expected in error_message(argv, capsys)
+
+
+def test_data_errors_are_one_line(tmp_path, capsys):
+    bad = tmp_path / "bad-idx.gz"
+    bad.write_bytes(b"\x1f\x8b not really gzip")
+    common = ["--device", "cpu", "--num-workers", "0", "--out", str(tmp_path / "run")]
+    message = error_message(["--data", "mmnist", "--digits-file", str(bad), *common], capsys)
+    assert message.startswith("error: ") and str(bad) in message and "\n" not in message.strip()
+    message = error_message(["--data", "taxibj", "--data-dir", str(tmp_path), *common], capsys)
+    assert "dataset.npz" in message and "not found" in message
+
+
+def test_existing_run_is_not_overwritten(straight, capsys):
+    out, _ = straight
+    assert "already holds a run" in error_message(TINY + ["--out", str(out)], capsys)
+
+
+def test_checkpoint_that_does_not_fit(straight, tmp_path, capsys):
+    out, _ = straight
+    assert "does not fit" in error_message(["--resume", "--out", str(out), "--embed-dim", "32", "--device", "cpu"],
+                                           capsys)
+
+
+# --------------------------------------------------------------------------------------------------
+# Moving MNIST on real digits (the quick start's data)
+# --------------------------------------------------------------------------------------------------
+
+def test_moving_mnist_on_t10k_digits(tmp_path):
+    if not T10K.exists():
+        pytest.skip(f"{T10K} not found: the MNIST t10k digits live in ../shared beside the checkout")
+    result = train.main(["--data", "mmnist", "--digits-file", str(T10K), "--device", "cpu", "--embed-dim", "16",
+                         "--depths", "1", "1", "1", "1", "--patch-size", "8", "--input-frames", "2", "--output-frames", "2",
+                         "--train-length", "4", "--batch-size", "2", "--max-steps", "2", "--val-samples", "2",
+                         "--num-workers", "0", "--out", str(tmp_path)])
+    assert isinstance(result["model"], VMRNN_D) and not isinstance(result["model"], VMRNN_B)
+    ckpt = torch.load(tmp_path / "ckpt_last.pt", weights_only=True)
+    assert ckpt["config"]["loss"] == "mse+l1" and ckpt["config"]["lr"] == 5e-5 and ckpt["config"]["amp"] == "none"
+    m = result["metrics"]
+    assert result["step"] == 2 and m["sequences"] == 2
+    assert 0 < m["mse"] < 64 * 64 and np.isfinite([m["mae"], m["ssim"], m["psnr"]]).all()
+    with Image.open(tmp_path / "samples.png") as image:                 # 64 px frames, not enlarged
+        assert image.size == (48 + 2 * 66 + 2, 2 + 9 * 66 + 3 * 8 - 8)
+
+
+# ==================================================================================================
+# README, CI and bench.py: the README's commands and code cannot rot
+# ==================================================================================================
+
+
+def readme_blocks(language):
+    text = (ROOT / "README.md").read_text()
+    return re.findall(rf"```{language}\n(.*?)```", text, flags=re.S)
+
+
+def test_readme_python_snippets_run():
+    snippets = [s for s in readme_blocks("python") if "torch.load(" not in s]   # the rest need a user's file
+    assert snippets
+    for snippet in snippets:
+        exec(compile(snippet, "README.md", "exec"), {})
+
+
+def test_ci_runs_the_readme_test_command():
+    commands = [line for block in readme_blocks("bash") for line in block.splitlines() if "pytest" in line]
+    assert len(commands) == 1
+    test_command = commands[0].split("&&")[-1].strip()
+    assert test_command == "python -m pytest -q test_vmrnn.py"
+    ci = (ROOT / ".ci" / "run").read_text().splitlines()
+    assert test_command in [line.strip() for line in ci]
+
+
+def test_bench_quick_mode_runs():
+    result = subprocess.run([sys.executable, str(ROOT / "bench.py"), "--quick"], capture_output=True,
+                            text=True, timeout=600, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    for section in ("Selective scan", "Model throughput", "Moving MNIST generation", "Parameters and FLOPs"):
+        assert section in result.stdout
