@@ -63,9 +63,28 @@ except ImportError:
 # CUDA kernel; `selective_scan` picks one.
 
 
-def _compute_dtype(*tensors):
-    """float32 whatever the inputs' dtype (like the CUDA kernel); float64 if an input is float64."""
-    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+def _prepare_scan(u, delta, A, B, C, delta_bias, delta_softplus):
+    """What every scan does first: compute in float32 whatever the inputs' dtype (like the CUDA
+    kernel; float64 if an input is float64, for the tests' oracle), delta = softplus(delta + bias),
+    and B, C in the grouped form (b, g, n, l)."""
+    dtype = torch.float64 if torch.float64 in (t.dtype for t in (u, delta, A, B, C)) else torch.float32
+    u, delta, A, B, C = (t.to(dtype) for t in (u, delta, A, B, C))
+    if delta_bias is not None:
+        delta = delta + delta_bias.to(dtype)[:, None]                       # (b, d, l)
+    if delta_softplus:
+        delta = F.softplus(delta)                                           # Alg. 2 line 4
+    B = B[:, None] if B.dim() == 3 else B                                   # (b, g, n, l)
+    C = C[:, None] if C.dim() == 3 else C                                   # (b, g, n, l)
+    return u, delta, A, B, C
+
+
+def _skip_and_gate(y, u, D, z):
+    """What every scan does last: y + D u (the skip term), then y * silu(z) (the gate)."""
+    if D is not None:
+        y = y + D.to(y.dtype)[:, None] * u
+    if z is not None:
+        y = y * F.silu(z.to(y.dtype))
+    return y
 
 
 def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
@@ -82,15 +101,8 @@ def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta
     Returns y (b, d, l) [and h_l (b, d, n) if return_last_state], computed and returned in
     float32 whatever the input dtype (float64 if an input is float64).
     """
-    dtype = _compute_dtype(u, delta, A, B, C)
-    u, delta, A, B, C = (t.to(dtype) for t in (u, delta, A, B, C))
+    u, delta, A, B, C = _prepare_scan(u, delta, A, B, C, delta_bias, delta_softplus)
     b, d, l = u.shape
-    if delta_bias is not None:
-        delta = delta + delta_bias.to(dtype)[:, None]                       # (b, d, l)
-    if delta_softplus:
-        delta = F.softplus(delta)                                           # Alg. 2 line 4
-    B = B[:, None] if B.dim() == 3 else B                                   # (b, g, n, l)
-    C = C[:, None] if C.dim() == 3 else C                                   # (b, g, n, l)
     B = B.repeat_interleave(d // B.shape[1], dim=1)                         # (b, d, n, l)
     C = C.repeat_interleave(d // C.shape[1], dim=1)                         # (b, d, n, l)
     deltaA = torch.exp(torch.einsum("bdl,dn->bdln", delta, A))              # eq (4)
@@ -100,11 +112,7 @@ def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta
     for dA_t, dBu_t, C_t in zip(deltaA.unbind(2), deltaB_u.unbind(2), C.unbind(3)):
         h = dA_t * h + dBu_t                                                # eq (2a)
         ys.append((h * C_t).sum(-1))                                        # eq (2b), (b, d)
-    y = torch.stack(ys, dim=-1)                                             # (b, d, l)
-    if D is not None:
-        y = y + D.to(dtype)[:, None] * u                                    # skip term D u
-    if z is not None:
-        y = y * F.silu(z.to(dtype))                                         # gate
+    y = _skip_and_gate(torch.stack(ys, dim=-1), u, D, z)                    # (b, d, l)
     return (y, h) if return_last_state else y
 
 
@@ -256,20 +264,10 @@ def selective_scan_torch(u, delta, A, B, C, D=None, z=None, delta_bias=None, del
     gradients reach the inputs in their own dtype. Unlike the CUDA kernel's, the returned last
     state is differentiable.
     """
-    dtype = _compute_dtype(u, delta, A, B, C)
     with torch.autocast(u.device.type, enabled=False):
-        u, delta, A, B, C = (t.to(dtype) for t in (u, delta, A, B, C))
-        if delta_bias is not None:
-            delta = delta + delta_bias.to(dtype)[:, None]                   # (b, d, l)
-        if delta_softplus:
-            delta = F.softplus(delta)                                       # Alg. 2 line 4
-        B = B[:, None] if B.dim() == 3 else B                               # (b, g, n, l)
-        C = C[:, None] if C.dim() == 3 else C                               # (b, g, n, l)
+        u, delta, A, B, C = _prepare_scan(u, delta, A, B, C, delta_bias, delta_softplus)
         y, last_state = _SelectiveScanFn.apply(u, delta, A, B, C)           # eq (4), (2a), (2b)
-        if D is not None:
-            y = y + D.to(dtype)[:, None] * u                                # skip term D u
-        if z is not None:
-            y = y * F.silu(z.to(dtype))                                     # gate
+        y = _skip_and_gate(y, u, D, z)                                      # (b, d, l)
     return (y, last_state) if return_last_state else y
 
 
