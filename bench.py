@@ -195,8 +195,8 @@ def bench_models(device, quick):
     print("|---|---|---|---|---|")
     for name, p in PAPER.items():
         infer = (2, 1) if quick else (p["t_in"], p["t_out"])
-        # KTH's 29-frame training rollout keeps about 30 GB of activations at batch 1 (174 SS2D
-        # calls on a 64x64 grid): more than a 24 GB CPU machine has, so train it on 10 -> 2 there.
+        # KTH's 29-frame training rollout at batch 1 outgrew a 24 GB CPU machine (past 21 GB of
+        # activations: 174 SS2D calls on a 64x64 grid), so on CPU its train step runs 10 -> 2.
         train = (10, 2) if name == "kth" and device == "cpu" and not quick else infer
         train_s = model_case(name, device, quick, True, *train)
         infer_s = model_case(name, device, quick, False, *infer)
