@@ -1,6 +1,6 @@
 """Train and evaluate VMRNN (vmrnn.py) on Moving MNIST, KTH, TaxiBJ or the offline "shapes" toy set.
 
-Quick start (CPU, offline, about 2 minutes on 2 cores; MNIST t10k digits instead of the train file; a tiny
+Quick start (CPU, offline, about 75 s on 2 cores; MNIST t10k digits instead of the train file; a tiny
 VMRNN-D with patch 8 and 5->5 frames, NOT the paper's setting):
 
     python train.py --data mmnist --digits-file ../shared/data/t10k-images-idx3-ubyte.gz --device cpu \\
