@@ -168,6 +168,17 @@ def _batch_major(v, length):
     return v[:length].t().contiguous()                                      # (b ..., length)
 
 
+def _scan_layouts(u, delta, B, C, L):
+    """The scan's inputs time-major, zero-padded to L steps, channels split into their B/C groups:
+    delta (L+1, b, g, d/g, 1) (one step more: backward needs a_{t+1}), delta*u (L, b, g, d/g, 1),
+    B and C (L, b, g, 1, n)."""
+    (b, d, _), (g, n) = u.shape, B.shape[1:3]
+    dt = _time_major(delta, L + 1).view(L + 1, b, g, d // g, 1)
+    dtu = _time_major(delta * u, L).view(L, b, g, d // g, 1)
+    Bt, Ct = (_time_major(v, L).view(L, b, g, 1, n) for v in (B, C))
+    return dt, dtu, Bt, Ct
+
+
 class _SelectiveScanFn(torch.autograd.Function):
     """(y, h_l) of y_t = sum_n C_t h_t, h_t = exp(delta_t A) h_{t-1} + delta_t B_t u_t, h_0 = 0.
 
@@ -185,10 +196,7 @@ class _SelectiveScanFn(torch.autograd.Function):
         S = T * max(1, min(_SLAB_ELEMENTS // (T * b * d * n), math.ceil(l / T)))  # steps a slab
         L = S * math.ceil(l / S)                                            # padded length
         A = A.reshape(g, d // g, n)                                         # (g, d/g, n)
-        dt = _time_major(delta, L).view(L, b, g, d // g, 1)                 # (L, b, g, d/g, 1)
-        dtu = _time_major(delta * u, L).view(L, b, g, d // g, 1)            # (L, b, g, d/g, 1)
-        Bt = _time_major(B, L).view(L, b, g, 1, n)                          # (L, b, g, 1, n)
-        Ct = _time_major(C, L).view(L, b, g, 1, n)                          # (L, b, g, 1, n)
+        dt, dtu, Bt, Ct = _scan_layouts(u, delta, B, C, L)                  # time-major
         a = u.new_empty(S, b, g, d // g, n)                                 # a_t of one slab
         h = u.new_empty(S, b, g, d // g, n)                                 # x_t, then h_t
         y = u.new_empty(L, b, g, d // g)
@@ -216,10 +224,7 @@ class _SelectiveScanFn(torch.autograd.Function):
         u, delta, A, B, C, states = ctx.saved_tensors
         T, S, L = ctx.sizes
         (b, d, l), (g, n) = u.shape, B.shape[1:3]
-        dt = _time_major(delta, L + 1).view(L + 1, b, g, d // g, 1)         # (L+1, b, g, d/g, 1)
-        dtu = _time_major(delta * u, L).view(L, b, g, d // g, 1)            # (L, b, g, d/g, 1)
-        Bt = _time_major(B, L).view(L, b, g, 1, n)                          # (L, b, g, 1, n)
-        Ct = _time_major(C, L).view(L, b, g, 1, n)                          # (L, b, g, 1, n)
+        dt, dtu, Bt, Ct = _scan_layouts(u, delta, B, C, L)                  # time-major
         gyt = _time_major(gy, L).view(L, b, g, d // g, 1)                   # (L, b, g, d/g, 1)
         a = u.new_empty(S + 1, b, g, d // g, n)                             # a_t, s0 <= t <= s0+S
         h = u.new_empty(S + 1, b, g, d // g, n)                             # h_t, s0-1 <= t < s0+S
