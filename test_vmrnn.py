@@ -355,15 +355,15 @@ def test_official_loader_rejects_what_does_not_fit():
     fixture = load_fixture("mmnist_b_small")
     model = model_from_fixture(fixture)
     state = dict(fixture["state_dict"])
-    with pytest.raises(ValueError, match="unexpected keys"):
+    with pytest.raises(ValueError, match="'ST.extra.weight' is unexpected"):
         load_official_state_dict(model, {**state, "ST.extra.weight": torch.zeros(1)})
     key = "ST.patch_embed.proj.weight"
-    with pytest.raises(ValueError, match="missing weights"):
+    with pytest.raises(ValueError, match="'embed.proj.weight' is missing"):
         load_official_state_dict(model, {k: v for k, v in state.items() if k != key})
-    with pytest.raises(ValueError, match="shape"):
+    with pytest.raises(ValueError, match=r"'embed.proj.weight' has shape \(3, 3\).*shape \(32, 1, 2, 2\)"):
         load_official_state_dict(model, {**state, key: torch.zeros(3, 3)})
     wrong_depth = VMRNN_B(16, 2, 1, 32, depth=3)       # the fixture has 2 blocks
-    with pytest.raises(ValueError, match="missing weights"):
+    with pytest.raises(ValueError, match="'cell.blocks.2.norm.weight' is missing"):
         load_official_state_dict(wrong_depth, state)
     ddp_saved = {f"module.{k}": v for k, v in state.items()}
     assert len(load_official_state_dict(model, ddp_saved)) == 2

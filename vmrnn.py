@@ -45,6 +45,7 @@ import warnings
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 try:  # optional CUDA kernel (state-spaces/mamba); everything below also runs without it
     from mamba_ssm.ops.selective_scan_interface import selective_scan_fn as _mamba_scan_fn
@@ -116,15 +117,31 @@ def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta
     return (y, h) if return_last_state else y
 
 
-_CHUNK = 8                  # T: time steps per chunk of the parallel scan
-_SLAB_ELEMENTS = 2 ** 21    # a slab holds about this many state elements (8 MB in float32)
+_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", lambda: False)
+
+
+_CHUNK, _SLAB_ELEMENTS = 8, 2 ** 21             # CPU: T, and state elements in a slab (8 MB)
+_GPU_CHUNK, _GPU_SLAB_ELEMENTS = 32, 2 ** 23    # elsewhere: T, and elements per slab and sample
+
+
+def _slab_sizes(device, b, dn, l):
+    """(T, S): time steps per chunk and per slab of the parallel scan, for b samples of d*n states.
+
+    A CPU gets cache-sized slabs. On a GPU each op is a kernel launch, so chunks are long and slabs
+    few: 2^23 state elements per sample (256 MB per slab temporary at b = 8, d*n = 16384; forward
+    holds two, backward three), independent of b, so a new batch size never changes S (or the
+    compiled graph).
+    """
+    T, chunks = ((_CHUNK, _SLAB_ELEMENTS // (_CHUNK * b * dn)) if device.type == "cpu" else
+                 (_GPU_CHUNK, _GPU_SLAB_ELEMENTS // (_GPU_CHUNK * dn)))
+    return T, T * max(1, min(chunks, math.ceil(l / T)))
 
 
 def _chunked_linear_scan(a, x, h0, chunk, reverse=False):
     """Scan h_t = a_t h_{t-1} + x_t along dim 0 from h_{-1} = h0, in place: x becomes h.
 
     a, x: (S, ...) with S a multiple of `chunk`, a_t in [0, 1]; h0: (...). With reverse=True time
-    runs backwards, h_t = a_t h_{t+1} + x_t from h_S = h0. Returns the last state computed (a copy).
+    runs backwards, h_t = a_t h_{t+1} + x_t from h_S = h0. Returns the last state computed.
 
     Why this equals the loop: T steps of the recurrence compose to the affine map
     h -> (a_T ... a_1) h + e, where e is what the T steps produce from a zero state. So
@@ -136,23 +153,26 @@ def _chunked_linear_scan(a, x, h0, chunk, reverse=False):
     """
     nc = x.shape[0] // chunk
     a = a.view(nc, chunk, *a.shape[1:])                                     # (nc, T, ...)
-    x = x.view(nc, chunk, *x.shape[1:])                                     # (nc, T, ...)
+    at, xt = a.unbind(1), x.view(nc, chunk, *x.shape[1:]).unbind(1)        # T views (nc, ...)
     steps = range(chunk - 1, -1, -1) if reverse else range(chunk)
     chunks = range(nc - 1, -1, -1) if reverse else range(nc)
-    start = torch.empty_like(x[:, 0])                                       # (nc, ...)
+    start = torch.empty_like(xt[0])                                         # (nc, ...)
     start[chunks[0]] = h0
     if nc > 1:  # (1) every chunk from a zero state, all at once: its end state e and its decay
-        end = x[:, steps[0]].clone()                                        # (nc, ...)
+        end = xt[steps[0]].clone()                                          # (nc, ...)
         for t in steps[1:]:
-            torch.addcmul(x[:, t], a[:, t], end, out=end)                   # eq (2a)
-        decay = a.prod(dim=1)                                               # (nc, ...)
+            torch.addcmul(xt[t], at[t], end, out=end)                       # eq (2a)
+        e, decay = end.unbind(0), a.prod(dim=1).unbind(0)                   # nc views (...) each
         # (2) chain the chunks: start_c = decay_{c-1} start_{c-1} + e_{c-1}
         for prev, c in zip(chunks, chunks[1:]):
-            torch.addcmul(end[prev], decay[prev], start[prev], out=start[c])  # eq (2a), per chunk
-    # (3) rescan every chunk from its start state, all at once, in place
-    h = start
+            torch.addcmul(e[prev], decay[prev], start[prev], out=start[c])  # eq (2a), per chunk
+    # (3) rescan every chunk from its start state, all at once, in place. Note: compiled, new
+    # tensors stacked once into x instead, which Inductor fuses (its in-place form ran 6x slower).
+    h, hs = start, {}
     for t in steps:
-        h = torch.addcmul(x[:, t], a[:, t], h, out=x[:, t])                 # eq (2a)
+        h = hs[t] = torch.addcmul(xt[t], at[t], h) if _compiling() else xt[t].addcmul_(at[t], h)
+    if _compiling():
+        x.view(nc, chunk, *x.shape[1:]).copy_(torch.stack([hs[t] for t in range(chunk)], 1))
     return h[chunks[-1]].clone()
 
 
@@ -165,7 +185,43 @@ def _time_major(v, length):
 
 def _batch_major(v, length):
     """(L, b * ...) -> (b * ..., length): the first `length` steps, time last."""
-    return v[:length].t().contiguous()                                      # (b ..., length)
+    return v[:length].flatten(1).t().contiguous()                          # (b ..., length)
+
+
+def _scan_slab(dt, dtu, A, Bt, Ct, h0, T):
+    """The forward over one slab of S steps from the state h0 before it: (y_t, last state).
+
+    dt, dtu: delta and delta*u (S, b, g, d/g, 1); A (g, d/g, n); Bt, Ct (S, b, g, 1, n);
+    h0 (b, g, d/g, n). Returns y (S, b, g, d/g) and h at the slab's end (b, g, d/g, n).
+    """
+    a = torch.exp_(dt * A)                                                  # eq (4)
+    h = dtu * Bt                                                            # x_t = delta_t B_t u_t
+    last = _chunked_linear_scan(a, h, h0, T)                                # eq (2a), x -> h
+    return h.mul_(Ct).sum(-1), last                                         # eq (2b)
+
+
+def _adjoint_slab(dt, dtu, A, Bt, Ct, gyt, h0, carry, T):
+    """The backward over one slab (equations in `_SelectiveScanFn.backward`), from the state h0
+    before it and the adjoint `carry` after it. dt has S + 1 steps (a_{t+1} is needed), gyt is
+    like dtu, the rest as in `_scan_slab`. Returns the adjoint before the slab, d(delta u) and
+    sum_n q A (S, b, g, d/g), dB and dC (S, b, g, n), and this slab's part of dA (g, d/g, n).
+    """
+    (S, b, g, e, _), n = dtu.shape, h0.shape[-1]
+    a = torch.exp_(dt * A)                                                  # a_t, s0 <= t <= s0+S
+    h = h0.new_empty(S + 1, b, g, e, n)                                     # h_t, s0-1 <= t < s0+S
+    h[0] = h0
+    torch.mul(dtu, Bt, out=h[1:])                                           # x_t = delta_t B_t u_t
+    _chunked_linear_scan(a[:S], h[1:], h0, T)                               # eq (2a), recomputed
+    gh = gyt * Ct                                                           # C_t gy_t
+    carry = _chunked_linear_scan(a[1:], gh, carry, T, reverse=True)         # adjoint of eq (2a)
+    gC = torch.bmm(gyt.view(-1, 1, e), h[1:].view(-1, e, n)).view(S, b, g, n)      # dC
+    gB = torch.bmm(dtu.view(-1, 1, e), gh.view(-1, e, n)).view(S, b, g, n)         # dB
+    ah = a[:S].mul_(h[:S])                                                  # a_t h_{t-1}
+    scratch = h[1:]                                                         # h_t is used up
+    g_dtu = torch.mul(gh, Bt, out=scratch).sum(4)                           # d(delta u)
+    q = gh.mul_(ah)                                                         # q_t = gh_t a_t h_{t-1}
+    g_dtA = torch.mul(q, A, out=scratch).sum(4)                             # via a_t = exp(dt_t A)
+    return carry, g_dtu, g_dtA, gB, gC, torch.mul(q, dt[:S], out=scratch).sum((0, 1))  # ..., dA
 
 
 def _scan_layouts(u, delta, B, C, L):
@@ -184,33 +240,26 @@ class _SelectiveScanFn(torch.autograd.Function):
 
     u, delta: (b, d, l), delta already through softplus; A: (d, n); B, C: (b, g, n, l).
     Time is padded with delta = 0 (a = 1, x = 0) to whole slabs of S steps, each cut into chunks
-    of T steps; a slab's (S, b, g, d/g, n) temporaries are the only state-sized memory. Only the
-    inputs and the state at each slab start are saved; backward recomputes the states slab by
-    slab, so training memory is O(b d l) plus one slab, never the (b, d, l, n) states.
+    of T steps (`_slab_sizes`); a slab's (S, b, g, d/g, n) temporaries are the only state-sized
+    memory. Only the inputs and the state at each slab start are saved; backward recomputes the
+    states slab by slab, so training memory is O(b d l) plus one slab, never the (b, d, l, n) states.
     """
 
     @staticmethod
     def forward(ctx, u, delta, A, B, C):
         (b, d, l), (g, n) = u.shape, B.shape[1:3]
-        T = _CHUNK
-        S = T * max(1, min(_SLAB_ELEMENTS // (T * b * d * n), math.ceil(l / T)))  # steps a slab
+        T, S = _slab_sizes(u.device, b, d * n, l)
         L = S * math.ceil(l / S)                                            # padded length
         A = A.reshape(g, d // g, n)                                         # (g, d/g, n)
         dt, dtu, Bt, Ct = _scan_layouts(u, delta, B, C, L)                  # time-major
-        a = u.new_empty(S, b, g, d // g, n)                                 # a_t of one slab
-        h = u.new_empty(S, b, g, d // g, n)                                 # x_t, then h_t
-        y = u.new_empty(L, b, g, d // g)
-        states = [u.new_zeros(b, g, d // g, n)]                             # h before each slab
-        for s0 in range(0, L, S):
-            sl = slice(s0, s0 + S)
-            torch.exp(torch.mul(dt[sl], A, out=a), out=a)                   # eq (4)
-            torch.mul(dtu[sl], Bt[sl], out=h)                               # x_t = delta_t B_t u_t
-            states.append(_chunked_linear_scan(a, h, states[-1], T))        # eq (2a)
-            torch.sum(h.mul_(Ct[sl]), dim=-1, out=y[sl])                    # eq (2b)
+        states, ys = [u.new_zeros(b, g, d // g, n)], []                     # h before each slab
+        for sl in (slice(s0, s0 + S) for s0 in range(0, L, S)):
+            y, last = _run_slab(_scan_slab, dt[sl], dtu[sl], A, Bt[sl], Ct[sl], states[-1], T)
+            ys.append(y)
+            states.append(last)
         ctx.save_for_backward(u, delta, A, B, C, torch.stack(states[:-1]))
         ctx.sizes = T, S, L
-        y = _batch_major(y.view(L, b * d), l).view(b, d, l)                 # (b, d, l)
-        return y, states[-1].view(b, d, n)
+        return _batch_major(torch.cat(ys), l).view(b, d, l), states[-1].view(b, d, n)
 
     @staticmethod
     def backward(ctx, gy, g_last):
@@ -226,36 +275,16 @@ class _SelectiveScanFn(torch.autograd.Function):
         (b, d, l), (g, n) = u.shape, B.shape[1:3]
         dt, dtu, Bt, Ct = _scan_layouts(u, delta, B, C, L)                  # time-major
         gyt = _time_major(gy, L).view(L, b, g, d // g, 1)                   # (L, b, g, d/g, 1)
-        a = u.new_empty(S + 1, b, g, d // g, n)                             # a_t, s0 <= t <= s0+S
-        h = u.new_empty(S + 1, b, g, d // g, n)                             # h_t, s0-1 <= t < s0+S
-        gh = u.new_empty(S, b, g, d // g, n)                                # gh_t, s0 <= t < s0+S
-        g_dtu = u.new_empty(L, b, g, d // g)                                # sum_n gh_t B_t
-        g_dtA = u.new_empty(L, b, g, d // g)                                # sum_n q_t A
-        gB, gC = u.new_empty(L, b, g, n), u.new_empty(L, b, g, n)           # (L, b, g, n)
-        gA = torch.zeros_like(A)                                            # (g, d/g, n)
-        carry = g_last.reshape(b, g, d // g, n)                             # gh just after the slab
+        carry, grads = g_last.reshape(b, g, d // g, n), []                  # gh just after a slab
         for k, s0 in reversed(list(enumerate(range(0, L, S)))):
             sl = slice(s0, s0 + S)
-            torch.exp(torch.mul(dt[s0:s0 + S + 1], A, out=a), out=a)        # eq (4)
-            h[0] = states[k]
-            torch.mul(dtu[sl], Bt[sl], out=h[1:])                           # x_t = delta_t B_t u_t
-            _chunked_linear_scan(a[:S], h[1:], states[k], T)                # eq (2a), recomputed
-            torch.mul(gyt[sl], Ct[sl], out=gh)                              # C_t gy_t
-            carry = _chunked_linear_scan(a[1:], gh, carry, T, reverse=True)  # adjoint of eq (2a)
-            hv, ghv = h[1:].view(-1, d // g, n), gh.view(-1, d // g, n)     # (S b g, d/g, n)
-            torch.bmm(gyt[sl].view(-1, 1, d // g), hv, out=gC[sl].view(-1, 1, n))   # dC
-            torch.bmm(dtu[sl].view(-1, 1, d // g), ghv, out=gB[sl].view(-1, 1, n))  # dB
-            ah = a[:S].mul_(h[:S])                                          # a_t h_{t-1}
-            scratch = h[1:]                                                 # h_t is used up
-            torch.sum(torch.mul(gh, Bt[sl], out=scratch), dim=4, out=g_dtu[sl])  # d(delta u)
-            q = gh.mul_(ah)                                                 # q_t = gh_t a_t h_{t-1}
-            torch.sum(torch.mul(q, A, out=scratch), dim=4, out=g_dtA[sl])   # via a_t = exp(dt_t A)
-            gA += torch.mul(q, dt[sl], out=scratch).sum((0, 1))             # dA
-        g_dtu = _batch_major(g_dtu.view(L, b * d), l).view(b, d, l)         # (b, d, l)
-        g_dtA = _batch_major(g_dtA.view(L, b * d), l).view(b, d, l)         # (b, d, l)
-        gB = _batch_major(gB.view(L, b * g * n), l).view(b, g, n, l)        # (b, g, n, l)
-        gC = _batch_major(gC.view(L, b * g * n), l).view(b, g, n, l)        # (b, g, n, l)
-        return g_dtu * delta, g_dtu * u + g_dtA, gA.view(d, n), gB, gC
+            carry, *g_slab = _run_slab(_adjoint_slab, dt[s0:s0 + S + 1], dtu[sl], A, Bt[sl],
+                                       Ct[sl], gyt[sl], states[k], carry, T)
+            grads.insert(0, g_slab)
+        g_dtu, g_dtA, gB, gC = (_batch_major(torch.cat(v), l) for v in list(zip(*grads))[:4])
+        gA = torch.stack([g_slab[4] for g_slab in grads]).sum(0).view(d, n)
+        g_dtu, g_dtA = g_dtu.view(b, d, l), g_dtA.view(b, d, l)            # (b, d, l)
+        return g_dtu * delta, g_dtu * u + g_dtA, gA, gB.view(b, g, n, l), gC.view(b, g, n, l)
 
 
 def selective_scan_torch(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
@@ -281,12 +310,47 @@ def selective_scan_torch(u, delta, A, B, C, D=None, z=None, delta_bias=None, del
 # it, and the outcome is remembered.
 _KERNEL_DEVICE_TYPE = "cuda"    # the only device type the mamba-ssm kernel runs on
 _mamba_works = None             # None until probed, then True or False
-_last_backend = None            # "mamba", "torch" or "ref": what the last selective_scan ran
+_last_backend = None            # what the last selective_scan ran (see last_scan_backend)
+_scan_compile = "auto"          # see set_scan_compile
+_compiled, _compile_error = {}, None  # slab function -> torch.compile'd; why compiling failed
 
 
 def last_scan_backend():
-    """Which backend ran the most recent `selective_scan` call: "mamba", "torch" or "ref"."""
+    """Which backend ran the most recent `selective_scan` call: "mamba", "torch-compiled" (the
+    PyTorch scan through torch.compile), "torch" (the same, eager) or "ref"."""
     return _last_backend
+
+
+def set_scan_compile(mode):
+    """Whether the PyTorch scan runs its slab functions (`_scan_slab`, `_adjoint_slab`) through
+    torch.compile: "auto" (default) for CUDA tensors, "on" on any device (a CPU needs a C++
+    compiler), "off" never. Where compiling fails (no Triton, no C++ compiler, MPS, an old
+    torch), the eager scan runs and one warning says why."""
+    global _scan_compile
+    if mode not in ("auto", "on", "off"):
+        raise ValueError(f"set_scan_compile: mode must be 'auto', 'on' or 'off', not {mode!r}")
+    _scan_compile = mode
+
+
+def _run_slab(fn, *args):
+    """fn(*args), through torch.compile if set_scan_compile() asks for it here and it works."""
+    global _last_backend, _compile_error
+    device = args[0].device
+    if _compile_error or _scan_compile == "off" or (_scan_compile == "auto" and device.type != "cuda"):
+        return fn(*args)
+    try:  # one graph per (S, T, shapes but b): b is dim 1 of time-major tensors, 0 of states
+        if fn not in _compiled:
+            _compiled[fn] = torch.compile(fn, dynamic=False, fullgraph=True)
+        for t in args[:-1]:
+            torch._dynamo.maybe_mark_dynamic(t, 1 if t.dim() == 5 else 0)
+        out = _compiled[fn](*args)
+    except Exception as error:  # torch, Triton or the C++ compiler: any failure means eager
+        _compile_error = f"{type(error).__name__}: {(str(error) or '?').splitlines()[0]}"
+        warnings.warn(f"torch.compile cannot compile the selective scan on {device} "
+                      f"({_compile_error}); using the eager scan", RuntimeWarning, stacklevel=2)
+        return fn(*args)
+    _last_backend = "torch-compiled"
+    return out
 
 
 def _mamba_kernel_works(device):
@@ -317,6 +381,36 @@ def _mamba_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softpl
                               return_last_state)
 
 
+def _describe(x):
+    """Shape and dtype of a tensor, for error messages; nested lists/tuples shown as lists."""
+    if isinstance(x, torch.Tensor):
+        return f"shape {tuple(x.shape)} ({x.dtype})"
+    return f"[{', '.join(map(_describe, x))}]" if isinstance(x, (list, tuple)) else type(x).__name__
+
+
+def _check_scan_args(u, delta, A, B, C, D, z, delta_bias):
+    """Shapes and dtypes only (no data read), so that no backend answers a malformed call."""
+    def fail(name, t, expected):
+        raise ValueError(f"selective_scan: {name} has {_describe(t)}, expected {expected}")
+    floating = lambda t: isinstance(t, torch.Tensor) and t.is_floating_point()  # not int, complex
+    if not floating(u) or u.dim() != 3 or u.shape[2] < 1:
+        fail("u", u, "a floating-point (b, d, l) tensor with l >= 1")
+    b, d, l = u.shape
+    if not floating(A) or A.dim() != 2 or A.shape[0] != d:
+        fail("A", A, f"a real floating-point (d, n) tensor with d = {d}")
+    n = A.shape[1]
+    for name, t, shape in [("delta", delta, (b, d, l)), ("z", z, (b, d, l)), ("D", D, (d,)),
+                           ("delta_bias", delta_bias, (d,))]:
+        if (name == "delta" or t is not None) and not (floating(t) and t.shape == shape):
+            fail(name, t, f"a floating-point tensor of shape {shape}")
+    g = B.shape[1] if floating(B) and B.dim() == 4 else 1
+    if not floating(B) or B.dim() not in (3, 4) or (B.shape[0], *B.shape[-2:]) != (b, n, l) \
+            or g < 1 or d % g:
+        fail("B", B, f"(b, n, l) = {(b, n, l)} or (b, g, n, l) with g dividing d = {d}")
+    if not floating(C) or C.shape != B.shape:
+        fail("C", C, f"the shape of B, {tuple(B.shape)}")
+
+
 def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
                    return_last_state=False, *, backend="auto"):
     """The selective scan, eq (4), (2a), (2b): arguments, shapes and result as `selective_scan_ref`.
@@ -327,6 +421,7 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     ran. The kernel does not back-propagate into the returned last state; the others do.
     """
     global _last_backend
+    _check_scan_args(u, delta, A, B, C, D, z, delta_bias)
     if backend in ("auto", "mamba"):
         kernel_ok = u.device.type == _KERNEL_DEVICE_TYPE and _mamba_kernel_works(u.device)
         if backend == "mamba" and not kernel_ok:
@@ -498,6 +593,7 @@ class VMRNNCell(nn.Module):
         if depth < 1:
             raise ValueError(f"a VMRNN cell needs at least one VSS block, got depth={depth}")
         self.cell_update = cell_update
+        self.state_shape = (grid[0] * grid[1], dim)      # (l, c) of h_state and c_state
         self.blocks = nn.ModuleList(
             VSSBlock(dim, grid, takes_hidden=(i == 0), drop_path_rate=drop_path_rates[i],
                      d_state=d_state, dropout=dropout, scan_backend=scan_backend)
@@ -592,10 +688,20 @@ class PatchExpanding(nn.Module):
 
 
 class _Forecaster(nn.Module):
-    """What VMRNN-B and VMRNN-D share: input checks, the patch embedding, and the rollout."""
+    """What VMRNN-B and VMRNN-D share: input checks, the patch embedding, and the rollout.
 
-    def __init__(self, img_size, patch_size, in_chans, embed_dim):
+    Set `checkpoint_steps = True` to trade compute for memory in training: each frame step of the
+    rollout then keeps only its inputs, and backward recomputes it (same result, same drop path).
+    """
+
+    def __init__(self, img_size, patch_size, in_chans, embed_dim, d_state, drop_path_rate, dropout):
         super().__init__()
+        for name, value in [("in_chans", in_chans), ("embed_dim", embed_dim), ("d_state", d_state)]:
+            if not value >= 1:
+                raise ValueError(f"{name} must be >= 1, got {value!r}")
+        for name, value in [("drop_path_rate", drop_path_rate), ("dropout", dropout)]:
+            if not 0 <= value < 1:
+                raise ValueError(f"{name} is a probability in [0, 1), got {value!r}")
         h, w = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
         if patch_size not in (2, 4, 8):
             raise ValueError(f"patch_size must be 2, 4 or 8 (the reconstruction head upsamples by "
@@ -613,6 +719,25 @@ class _Forecaster(nn.Module):
                              f"use an image size that is a multiple of {2 * patch_size}")
         self.embed = PatchEmbed(patch_size, in_chans, embed_dim)
         self.head = PatchInflate(patch_size, in_chans, embed_dim, self.grid)
+        self.checkpoint_steps = False
+
+    def _check_step(self, frame, state, cells):
+        """A ValueError unless frame is a floating-point (b, C, h, w) and state is None or one
+        (h_state, c_state) pair per cell in `cells`, each (b, l, c) as that cell expects."""
+        shape = (self.in_chans, *self.img_size)
+        if not (isinstance(frame, torch.Tensor) and frame.is_floating_point() and frame.dim() == 4
+                and tuple(frame.shape[1:]) == shape):
+            raise ValueError(f"expected a floating-point frame of shape (b, {', '.join(map(str, shape))})"
+                             f", got {_describe(frame)}")
+        expected = [(frame.shape[0], *cell.state_shape) for cell in cells]
+        if state is None or (isinstance(state, (list, tuple)) and len(state) == len(cells) and all(
+                isinstance(s, (list, tuple)) and len(s) == 2 and all(
+                    isinstance(t, torch.Tensor) and tuple(t.shape) == e for t in s)
+                for s, e in zip(state, expected))):
+            return
+        expected, state = (expected, state) if len(cells) > 1 else (expected[0], state[0])
+        raise ValueError(f"state must be None or {'per cell ' if len(cells) > 1 else ''}(h_state, "
+                         f"c_state) of shapes {expected} (b, l, c), got {_describe(state)}")
 
     def forward(self, frames, pred_len):
         """The authors' rollout (SPEC §5), identical in training and test.
@@ -621,18 +746,23 @@ class _Forecaster(nn.Module):
         predictions for frames 1..t_in-1 (teacher-forced), then pred_len closed-loop predictions
         that start from the last observed frame and feed each prediction back in.
         """
-        if frames.dim() != 5 or tuple(frames.shape[2:]) != (self.in_chans, *self.img_size):
-            raise ValueError(f"expected frames of shape (b, t, {self.in_chans}, "
-                             f"{self.img_size[0]}, {self.img_size[1]}), got {tuple(frames.shape)}")
-        if frames.shape[1] < 1 or pred_len < 0:
-            raise ValueError("need at least one input frame and pred_len >= 0")
+        if not (isinstance(frames, torch.Tensor) and frames.is_floating_point() and frames.dim() == 5
+                and tuple(frames.shape[2:]) == (self.in_chans, *self.img_size)):
+            raise ValueError(f"expected frames of shape (b, t, {self.in_chans}, {self.img_size[0]}, "
+                             f"{self.img_size[1]}), floating point, got {_describe(frames)}")
+        if frames.shape[1] < 1 or not (isinstance(pred_len, int) and pred_len >= 0):
+            raise ValueError(f"need at least one input frame (got {frames.shape[1]}) and an integer "
+                             f"pred_len >= 0 (got {pred_len!r})")
+        step = self.step
+        if self.checkpoint_steps and torch.is_grad_enabled():  # backward recomputes each step
+            step = lambda *args: checkpoint(self.step, *args, use_reentrant=False)
         state, preds = None, []
         for t in range(frames.shape[1] - 1):
-            pred, state = self.step(frames[:, t], state)
+            pred, state = step(frames[:, t], state)
             preds.append(pred)
         frame = frames[:, -1]
         for _ in range(pred_len):
-            frame, state = self.step(frame, state)
+            frame, state = step(frame, state)
             preds.append(frame)
         return torch.stack(preds, dim=1)                 # (b, t_in - 1 + pred_len, C, h, w)
 
@@ -647,11 +777,12 @@ class VMRNN_B(_Forecaster):
 
     def __init__(self, img_size, patch_size, in_chans, embed_dim=128, depth=6, d_state=16,
                  drop_path_rate=0.1, dropout=0.0, cell_update="code", scan_backend="auto"):
-        super().__init__(img_size, patch_size, in_chans, embed_dim)
+        super().__init__(img_size, patch_size, in_chans, embed_dim, d_state, drop_path_rate, dropout)
         self.cell = VMRNNCell(embed_dim, self.grid, depth, [drop_path_rate] * depth, d_state,
                               dropout, cell_update, scan_backend)
 
     def step(self, frame, state=None):
+        self._check_step(frame, None if state is None else [state], [self.cell])
         h_state, state = self.cell(self.embed(frame), state)
         return torch.sigmoid(self.head(h_state)), state
 
@@ -672,7 +803,7 @@ class VMRNN_D(_Forecaster):
     def __init__(self, img_size, patch_size, in_chans, embed_dim=128, depths_down=(2, 6),
                  depths_up=(6, 2), d_state=16, drop_path_rate=0.1, dropout=0.0, cell_update="code",
                  scan_backend="auto"):
-        super().__init__(img_size, patch_size, in_chans, embed_dim)
+        super().__init__(img_size, patch_size, in_chans, embed_dim, d_state, drop_path_rate, dropout)
         L = len(depths_down)
         if len(depths_up) != L or L < 1:
             raise ValueError(f"depths_down and depths_up need the same number (>= 1) of levels, "
@@ -705,6 +836,7 @@ class VMRNN_D(_Forecaster):
             self.expand.append(PatchExpanding(dim, grid(L - i)))
 
     def step(self, frame, state=None):
+        self._check_step(frame, state, [*self.down, *self.up])
         state = state or [None] * (2 * len(self.down))
         x, new_state = self.embed(frame), []             # (b, l, c)
         cells = list(zip(self.down, self.merge)) + list(zip(self.up, self.expand))
@@ -754,15 +886,38 @@ _OFFICIAL_BLOCK_NAMES = [(r"\.self_attention\.", ".ss2d."), (r"\.ln_1\.", ".norm
                          (r"\.linear\.", ".lp.")]
 
 
+def check_state_dict(model, state_dict):
+    """Raise a one-line ValueError unless `state_dict` fits `model` key for key and shape for
+    shape. It names the first key, in the model's order, that is missing or has another shape
+    (with both shapes), else the first unexpected key. Returns None."""
+    ours, problem = model.state_dict(), None
+    unexpected = [key for key in state_dict if key not in ours]
+    for key, value in ours.items():
+        if key not in state_dict:
+            problem = f"key {key!r} is missing" + (f" (and {len(unexpected)} unexpected, the first "
+                                                   f"{unexpected[0]!r})" if unexpected else "")
+        elif getattr(state_dict[key], "shape", None) != value.shape:
+            problem = (f"{key!r} has {_describe(state_dict[key])} in the state dict but shape "
+                       f"{tuple(value.shape)} in the model")
+        if problem:
+            break
+    else:
+        problem = f"key {unexpected[0]!r} is unexpected" if unexpected else None
+    if problem:
+        raise ValueError(f"the state dict does not fit this {type(model).__name__}: {problem}; "
+                         f"check the model class and its config (embed_dim, depths, patch_size)")
+
+
 def load_official_state_dict(model, state_dict):
     """Load weights saved by the authors' code into `model`; returns the keys it ignored.
 
     Ignored keys are the weights the authors' models allocate but never use (the 2c -> c Linear of
     every block after the first in a cell, and VMRNN-D's second patch embedding). Any other key
-    that does not fit (unknown, missing, or of the wrong shape) raises a ValueError naming it.
+    that does not fit (unknown, missing, or of the wrong shape) raises the ValueError of
+    `check_state_dict`, which names the first such key (in our naming) and both shapes.
     """
     ours = model.state_dict()
-    loaded, ignored, unknown = {}, [], []
+    loaded, ignored = {}, []
     for key, value in state_dict.items():
         name = key.removeprefix("module.")               # saved from DistributedDataParallel
         for pattern, replacement in _OFFICIAL_PREFIXES:
@@ -770,25 +925,15 @@ def load_official_state_dict(model, state_dict):
                 name = None if replacement is None else re.sub(pattern, replacement, name)
                 break
         else:
-            unknown.append(key)
+            loaded[key] = value                          # unknown: check_state_dict names it
             continue
         if name is not None:
             for pattern, replacement in _OFFICIAL_BLOCK_NAMES:
                 name = re.sub(pattern, replacement, name)
         if name is None or (name not in ours and name.endswith((".lp.weight", ".lp.bias"))):
             ignored.append(key)                          # never used by the authors' forward pass
-        elif name not in ours:
-            unknown.append(key)
-        elif ours[name].shape != value.shape:
-            raise ValueError(f"official weight {key} has shape {tuple(value.shape)}, but the model "
-                             f"expects {tuple(ours[name].shape)} for {name}: check the model config")
         else:
             loaded[name] = value
-    missing = sorted(set(ours) - set(loaded))
-    if unknown or missing:
-        raise ValueError(f"the official state dict does not fit this model: "
-                         f"{len(unknown)} unexpected keys {unknown[:4]}, "
-                         f"{len(missing)} missing weights {missing[:4]}; check the model class "
-                         f"(VMRNN_B or VMRNN_D) and its config (depths, embed_dim, patch_size)")
+    check_state_dict(model, loaded)
     model.load_state_dict(loaded)
     return ignored
