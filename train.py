@@ -48,9 +48,12 @@ Saving and resuming. ckpt_last.pt is written (atomically: a temporary file, then
 steps (default 500), whenever --save-minutes (default 10) have passed since the last save, at every epoch end,
 and when the run stops. It holds the epoch, the batch within it, the elapsed time and every RNG state (of every
 rank); the data order of epoch e is a function of (seed, e), so `--resume --out RUN` continues exactly where the
-run stopped. SIGINT (Ctrl-C) or SIGTERM: the current step finishes (an evaluation in progress is abandoned),
-ckpt_last.pt is saved and the run exits (status 128 + the signal's number) with one line on stderr giving the
-command that resumes it; a second signal stops at once without saving. Flags given with --resume override the
+run stopped. SIGINT (Ctrl-C) or SIGTERM: the current step finishes (in one process, an evaluation in progress is
+abandoned), ckpt_last.pt is saved and the run exits (status 128 + the signal's number) with one line on stderr
+giving the command that resumes it; a second signal stops at once without saving. A non-finite loss or
+validation MSE, or weights that predict non-finite frames when a save is due, stop the run without saving: the
+last checkpoint stays the last good state, and the message gives the command that resumes from it with a lower
+--lr (which --resume applies, see below). Flags given with --resume override the
 saved config, and the checkpoints record the values actually used. Flags that define the model or the data
 cannot change mid-run and are refused (start a new run with another --out): FIXED_ON_RESUME below, i.e. --data,
 --digits-file, --image-size, --channels, --input-frames, --output-frames, --train-length, --model, --depths,
@@ -68,7 +71,7 @@ run computes with the same count.
 
 Speed options (issue 10). --scan-compile {auto,on,off}: torch.compile the selective scan only
 (vmrnn.set_scan_compile; auto = on CUDA only); --compile is an alias of --scan-compile on (whole-model
-torch.compile was removed: it produced no step in 240 s on a GPU). --checkpoint-steps: activation
+torch.compile was removed: issue 10 saw no step within 240 s on a GPU). --checkpoint-steps: activation
 checkpointing per frame step (model.checkpoint_steps), trading compute for memory. --cuda-graphs (opt-in, CUDA,
 one process, amp none or bf16): forward + backward captured in a CUDA graph, see make_train_step; UNVERIFIED on a
 GPU so far. Progress: a line after the first step, then every --log-every steps or --log-seconds seconds,
@@ -144,7 +147,8 @@ class OneLineParser(argparse.ArgumentParser):
     """argparse, but an error is one line on stderr (no usage block), exit status 2."""
 
     def error(self, message):
-        self.exit(2, f"error: {message} (python train.py -h lists every option)\n")
+        syntax = message.startswith(("argument ", "unrecognized arguments", "ambiguous option"))
+        self.exit(2, f"error: {message}" + (" (python train.py -h lists every option)\n" if syntax else "\n"))
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -204,8 +208,8 @@ def build_parser():
     g.add_argument("--scan-compile", choices=["auto", "on", "off"], default="auto",
                    help="torch.compile the selective scan only (auto: on CUDA)")
     g.add_argument("--compile", dest="scan_compile", action="store_const", const="on",
-                   help="alias of --scan-compile on (whole-model torch.compile was removed: it never finished a "
-                        "step on a GPU)")
+                   help="alias of --scan-compile on (whole-model torch.compile was removed: issue 10 saw no step "
+                        "within 240 s on a GPU)")
     g.add_argument("--checkpoint-steps", action=argparse.BooleanOptionalAction, default=False,
                    help="activation checkpointing per frame step: less memory, about one more forward pass")
     g.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=False,
@@ -768,7 +772,8 @@ def agree(loss, flags, ddp):
 def format_progress(step, total, epoch, loss, lr, per_step, rate, eta_s, peak_gb):
     """One training line: step/total, loss, lr, s/step, sequences/s, peak GPU memory (CUDA), ETA of the run."""
     peak = "" if peak_gb is None else f"  peak {peak_gb:.2f} GB"
-    eta = f"{eta_s / 60:.1f} min" if eta_s < 7200 else f"{eta_s / 3600:.1f} h"
+    eta = (f"{eta_s:.0f} s" if eta_s < 120 else f"{eta_s / 60:.1f} min" if eta_s < 7200 else
+           f"{eta_s / 3600:.1f} h" if eta_s < 172800 else f"{eta_s / 86400:.1f} days")
     return (f"step {step}/{total}  epoch {epoch}  loss {loss:.6f}  lr {lr:.2e}  {per_step:.3f} s/step  "
             f"{rate:.1f} seq/s{peak}  eta {eta}")
 
@@ -1094,7 +1099,8 @@ def main(argv=None):
         cfg, ckpt = parse_args(argv)
         return run(cfg, ckpt)
     except KeyboardInterrupt:                           # outside the training loop (data, model, --eval-only)
-        print("error: interrupted before training began or after it ended: nothing was saved", file=sys.stderr)
+        print("error: interrupted outside the training loop (while preparing, or in --eval-only); checkpoints "
+              "already in the run folder are intact", file=sys.stderr)
         raise SystemExit(128 + signal.SIGINT) from None
     finally:
         torch.set_num_threads(threads)                  # main() may be called again in the same process
