@@ -271,8 +271,6 @@ def parse_args(argv=None):
             apply_saved_config(cfg, given, ckpt["config"], refuse=(), out=None, parser=parser)
     elif args.ckpt is not None:
         parser.error("--ckpt goes with --eval-only (use --resume --out RUN to continue training)")
-    elif args.out is not None and (Path(args.out) / "ckpt_last.pt").exists():
-        parser.error(f"{args.out} already holds a run: pass --resume to continue it, or choose a fresh --out")
     if cfg["data"] is None:
         parser.error("--data is required")
     cfg["device"] = check_device(cfg["device"] or ("cuda" if torch.cuda.is_available() else "cpu"), parser)
@@ -286,6 +284,8 @@ def parse_args(argv=None):
     check_ranges(cfg, parser)
     if not cfg["eval_only"]:
         cfg["out"] = cfg["out"] or f"runs/{cfg['data']}"
+        if not cfg["resume"] and (Path(cfg["out"]) / "ckpt_last.pt").exists():
+            parser.error(f"{cfg['out']} already holds a run: pass --resume to continue it, or choose a fresh --out")
     return cfg, ckpt
 
 
