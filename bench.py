@@ -37,9 +37,7 @@ weights, optimiser state, batch and activations for a training step. Threads: tr
 """
 
 import argparse
-import contextlib
 import gc
-import io
 import math
 import multiprocessing
 import os
@@ -180,19 +178,6 @@ class Cases:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
         return outcome
-
-
-class _Tee(io.StringIO):
-    """A stderr that also keeps what is written: a warning printed by a case (a failed CUDA-graph
-    capture, a scan that could not be compiled) reaches the terminal and the table."""
-
-    def __init__(self):
-        super().__init__()
-        self.target = sys.stderr
-
-    def write(self, text):
-        self.target.write(text)
-        return super().write(text)
 
 
 def device_name(device):
@@ -458,29 +443,25 @@ def train_case(name, device, quick, path, batch, t_in, t_out, checkpoint=False):
 def measure_train(name, device, quick, path, batch, t_in, t_out, checkpoint, timing):
     """Warm-up step (its time includes compiling and graph capture), then timed steps: at least
     timing["min"], at most timing["max"], none more once timing["cap_s"] seconds are spent.
-    Returns dict(ran, warmup, step (best s), losses (first ones), peak MB)."""
+    Returns dict(ran (scan backend, and step.path: eager, cuda graph or eager (capture failed)),
+    warmup, step (best s), losses (first ones), peak MB)."""
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated()
-    tee = _Tee()
-    with contextlib.redirect_stderr(tee):
-        step, frames = train_setup(name, device, quick, path, batch, t_in, t_out, checkpoint)
+    step, frames = train_setup(name, device, quick, path, batch, t_in, t_out, checkpoint)
+    sync(device)
+    start = time.perf_counter()
+    losses = [step(frames)]
+    sync(device)
+    warmup, times = time.perf_counter() - start, []
+    ran = f"{vmrnn.last_scan_backend()}, {step.path}"         # e.g. "torch-compiled, cuda graph"
+    while len(times) < timing["max"] and (len(times) < timing["min"]
+                                         or warmup + sum(times) < timing["cap_s"]):
         sync(device)
         start = time.perf_counter()
-        losses = [step(frames)]
+        losses.append(step(frames))
         sync(device)
-        warmup, times = time.perf_counter() - start, []
-        ran = vmrnn.last_scan_backend()
-        while len(times) < timing["max"] and (len(times) < timing["min"]
-                                             or warmup + sum(times) < timing["cap_s"]):
-            sync(device)
-            start = time.perf_counter()
-            losses.append(step(frames))
-            sync(device)
-            times.append(time.perf_counter() - start)
-    if TRAIN_PATHS[path][2]:
-        ran += ", graph capture FAILED: eager" if "graph capture failed" in tee.getvalue() else \
-               ", graphed"
+        times.append(time.perf_counter() - start)
     if device == "cuda":
         peak = (torch.cuda.max_memory_allocated() - before) / 2 ** 20
     else:

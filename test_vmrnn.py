@@ -1412,5 +1412,5 @@ def test_bench_quick_mode_runs():
         assert section in result.stdout
     assert "| quick | (2, 32, 100, 4, 4) | torch |" in result.stdout              # the scan ran
     for model in ("taxibj", "kth", "mmnist"):                                     # train: CPU eager
-        assert f"| {model} | 1, 2->1 | none | eager scan | torch |" in result.stdout
+        assert f"| {model} | 1, 2->1 | none | eager scan | torch, eager |" in result.stdout
     assert "FAILED" not in result.stdout and "skipped" not in result.stdout
