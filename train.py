@@ -571,7 +571,7 @@ class CsvLog:
                 if complete and row["step"].isdigit() and int(row["step"]) <= keep_until_step:
                     rows.append(row)
         buffer = io.StringIO()
-        writer = csv.DictWriter(buffer, CSV_FIELDS)
+        writer = csv.DictWriter(buffer, CSV_FIELDS, extrasaction="ignore")   # a column since removed: dropped
         writer.writeheader()
         writer.writerows(rows)
         write_bytes(self.path, buffer.getvalue().encode())
