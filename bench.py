@@ -599,7 +599,7 @@ def bench_inference(device, quick, cases, paths, kernel_missing, models):
     """Inference rollouts: TaxiBJ at batch 16 on CUDA (the paper's 526 FPS), every model at batch 1
     on CPU."""
     cuda = device == "cuda"
-    names = [n for n in (["taxibj"] if cuda else ["taxibj", "kth", "mmnist"]) if n in models]
+    names = [n for n in models if n == "taxibj" or not cuda]
     repeats = 1 if quick or not cuda else 5
     print(f"\n## Inference on {device}, no_grad, best of {repeats} after one call: sequences/s = "
           f"batch / s (OpenSTL's FPS); predicted frames/s = batch x t_out / s (the t_out future "
@@ -725,21 +725,23 @@ SECTIONS = ["scan", "train", "data", "flops"]
 def main(argv=None):
     """Run the chosen sections; returns the exit status (1 if a case failed other than by OOM)."""
     global _START
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="default: cpu")
     parser.add_argument("--quick", action="store_true", help="tiny shapes and models: seconds, not numbers")
     parser.add_argument("--only", nargs="+", choices=SECTIONS + ["models"], metavar="SECTION",
                         help=f"sections to run, of {', '.join(SECTIONS)} (models = train, its old name); "
                              f"default: all on CPU, scan and train on CUDA")
-    parser.add_argument("--models", nargs="+", choices=list(PAPER), default=list(PAPER),
-                        help="the Table 1 models of the train section")
+    parser.add_argument("--models", nargs="+", choices=list(PAPER), default=["taxibj", "mmnist", "kth"],
+                        help="the Table 1 models of the train section, run in this order (default: taxibj "
+                             "mmnist kth)")
     parser.add_argument("--scan-compile", choices=["auto", "on", "off"], default="auto",
-                        help="add the compiled-scan paths (vmrnn.set_scan_compile): auto = on CUDA only "
-                             "(compiling on a CPU takes about 30 s per shape)")
+                        help="add the compiled-scan paths (vmrnn.set_scan_compile): auto (default) = on CUDA "
+                             "only (compiling on a CPU takes about 30 s per shape)")
     parser.add_argument("--budget-s", type=float, default=None,
                         help="start no new case after this many seconds (default: 420 on CUDA, none on CPU)")
     args = parser.parse_args(argv)
+    if args.budget_s is not None and not args.budget_s > 0:
+        parser.error(f"--budget-s must be a positive number of seconds, got {args.budget_s}")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available (use --device cpu)")
     only = args.only or (["scan", "train"] if args.device == "cuda" else SECTIONS)
