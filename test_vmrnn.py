@@ -360,7 +360,7 @@ def test_official_loader_rejects_what_does_not_fit():
     key = "ST.patch_embed.proj.weight"
     with pytest.raises(ValueError, match="'embed.proj.weight' is missing"):
         load_official_state_dict(model, {k: v for k, v in state.items() if k != key})
-    with pytest.raises(ValueError, match=r"'embed.proj.weight' has shape \(3, 3\).*shape \(32, 1, 2, 2\)"):
+    with pytest.raises(ValueError, match=r"'embed.proj.weight' has shape \(3, 3\).*\(32, 1, 2, 2\)"):
         load_official_state_dict(model, {**state, key: torch.zeros(3, 3)})
     wrong_depth = VMRNN_B(16, 2, 1, 32, depth=3)       # the fixture has 2 blocks
     with pytest.raises(ValueError, match="'cell.blocks.2.norm.weight' is missing"):

@@ -117,21 +117,16 @@ def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta
     return (y, h) if return_last_state else y
 
 
-_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", lambda: False)
-
-
 _CHUNK, _SLAB_ELEMENTS = 8, 2 ** 21             # CPU: T, and state elements in a slab (8 MB)
 _GPU_CHUNK, _GPU_SLAB_ELEMENTS = 32, 2 ** 23    # elsewhere: T, and elements per slab and sample
+_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", lambda: False)
 
 
 def _slab_sizes(device, b, dn, l):
     """(T, S): time steps per chunk and per slab of the parallel scan, for b samples of d*n states.
-
     A CPU gets cache-sized slabs. On a GPU each op is a kernel launch, so chunks are long and slabs
     few: 2^23 state elements per sample (256 MB per slab temporary at b = 8, d*n = 16384; forward
-    holds two, backward three), independent of b, so a new batch size never changes S (or the
-    compiled graph).
-    """
+    holds two, backward three), independent of b, so the batch size never changes S or a graph."""
     T, chunks = ((_CHUNK, _SLAB_ELEMENTS // (_CHUNK * b * dn)) if device.type == "cpu" else
                  (_GPU_CHUNK, _GPU_SLAB_ELEMENTS // (_GPU_CHUNK * dn)))
     return T, T * max(1, min(chunks, math.ceil(l / T)))
@@ -152,8 +147,8 @@ def _chunked_linear_scan(a, x, h0, chunk, reverse=False):
     exponential of a cumulative sum, so it is exact at any step size (underflow to 0 is the limit).
     """
     nc = x.shape[0] // chunk
-    a = a.view(nc, chunk, *a.shape[1:])                                     # (nc, T, ...)
-    at, xt = a.unbind(1), x.view(nc, chunk, *x.shape[1:]).unbind(1)        # T views (nc, ...)
+    a, x = a.view(nc, chunk, *a.shape[1:]), x.view(nc, chunk, *x.shape[1:])  # (nc, T, ...)
+    at, xt = a.unbind(1), x.unbind(1)                                       # T views (nc, ...)
     steps = range(chunk - 1, -1, -1) if reverse else range(chunk)
     chunks = range(nc - 1, -1, -1) if reverse else range(nc)
     start = torch.empty_like(xt[0])                                         # (nc, ...)
@@ -166,26 +161,21 @@ def _chunked_linear_scan(a, x, h0, chunk, reverse=False):
         # (2) chain the chunks: start_c = decay_{c-1} start_{c-1} + e_{c-1}
         for prev, c in zip(chunks, chunks[1:]):
             torch.addcmul(e[prev], decay[prev], start[prev], out=start[c])  # eq (2a), per chunk
-    # (3) rescan every chunk from its start state, all at once, in place. Note: compiled, new
-    # tensors stacked once into x instead, which Inductor fuses (its in-place form ran 6x slower).
+    # (3) rescan every chunk from its start state, all at once, in place. Note: when compiled,
+    # new tensors stacked into x once instead: Inductor fuses those (the in-place form ran 6x slower).
     h, hs = start, {}
     for t in steps:
         h = hs[t] = torch.addcmul(xt[t], at[t], h) if _compiling() else xt[t].addcmul_(at[t], h)
     if _compiling():
-        x.view(nc, chunk, *x.shape[1:]).copy_(torch.stack([hs[t] for t in range(chunk)], 1))
+        x.copy_(torch.stack([hs[t] for t in range(chunk)], 1))
     return h[chunks[-1]].clone()
 
 
-def _time_major(v, length):
-    """(b, ..., l) -> (length, b * ...): time first, zero-padded to `length` steps."""
+def _time_major(v, L, *shape):
+    """(b, ..., l) -> (L, *shape): time first, zero-padded to L steps."""
     v = v.reshape(-1, v.shape[-1])                                          # (b ..., l)
-    v = F.pad(v, (0, length - v.shape[-1])) if length > v.shape[-1] else v  # (b ..., length)
-    return v.t().contiguous()                                               # (length, b ...)
-
-
-def _batch_major(v, length):
-    """(L, b * ...) -> (b * ..., length): the first `length` steps, time last."""
-    return v[:length].flatten(1).t().contiguous()                          # (b ..., length)
+    v = F.pad(v, (0, L - v.shape[-1])) if L > v.shape[-1] else v            # (b ..., L)
+    return v.t().contiguous().view(L, *shape)                               # (L, b, ...)
 
 
 def _scan_slab(dt, dtu, A, Bt, Ct, h0, T):
@@ -224,17 +214,6 @@ def _adjoint_slab(dt, dtu, A, Bt, Ct, gyt, h0, carry, T):
     return carry, g_dtu, g_dtA, gB, gC, torch.mul(q, dt[:S], out=scratch).sum((0, 1))  # ..., dA
 
 
-def _scan_layouts(u, delta, B, C, L):
-    """The scan's inputs time-major, zero-padded to L steps, channels split into their B/C groups:
-    delta (L+1, b, g, d/g, 1) (one step more: backward needs a_{t+1}), delta*u (L, b, g, d/g, 1),
-    B and C (L, b, g, 1, n)."""
-    (b, d, _), (g, n) = u.shape, B.shape[1:3]
-    dt = _time_major(delta, L + 1).view(L + 1, b, g, d // g, 1)
-    dtu = _time_major(delta * u, L).view(L, b, g, d // g, 1)
-    Bt, Ct = (_time_major(v, L).view(L, b, g, 1, n) for v in (B, C))
-    return dt, dtu, Bt, Ct
-
-
 class _SelectiveScanFn(torch.autograd.Function):
     """(y, h_l) of y_t = sum_n C_t h_t, h_t = exp(delta_t A) h_{t-1} + delta_t B_t u_t, h_0 = 0.
 
@@ -246,12 +225,20 @@ class _SelectiveScanFn(torch.autograd.Function):
     """
 
     @staticmethod
+    def layouts(u, delta, B, C, L):
+        """delta (L+1, b, g, d/g, 1) (one step more: backward needs a_{t+1}), delta*u
+        (L, b, g, d/g, 1), B and C (L, b, g, 1, n): time-major, channels in their B/C groups."""
+        (b, d, _), (g, n) = u.shape, B.shape[1:3]
+        return (_time_major(delta, L + 1, b, g, d // g, 1),
+                _time_major(delta * u, L, b, g, d // g, 1), *(_time_major(v, L, b, g, 1, n) for v in (B, C)))
+
+    @staticmethod
     def forward(ctx, u, delta, A, B, C):
         (b, d, l), (g, n) = u.shape, B.shape[1:3]
         T, S = _slab_sizes(u.device, b, d * n, l)
         L = S * math.ceil(l / S)                                            # padded length
         A = A.reshape(g, d // g, n)                                         # (g, d/g, n)
-        dt, dtu, Bt, Ct = _scan_layouts(u, delta, B, C, L)                  # time-major
+        dt, dtu, Bt, Ct = _SelectiveScanFn.layouts(u, delta, B, C, L)       # time-major
         states, ys = [u.new_zeros(b, g, d // g, n)], []                     # h before each slab
         for sl in (slice(s0, s0 + S) for s0 in range(0, L, S)):
             y, last = _run_slab(_scan_slab, dt[sl], dtu[sl], A, Bt[sl], Ct[sl], states[-1], T)
@@ -259,7 +246,8 @@ class _SelectiveScanFn(torch.autograd.Function):
             states.append(last)
         ctx.save_for_backward(u, delta, A, B, C, torch.stack(states[:-1]))
         ctx.sizes = T, S, L
-        return _batch_major(torch.cat(ys), l).view(b, d, l), states[-1].view(b, d, n)
+        y = torch.cat(ys)[:l].flatten(1).t().reshape(b, d, l)               # (b, d, l)
+        return y, states[-1].view(b, d, n)
 
     @staticmethod
     def backward(ctx, gy, g_last):
@@ -271,20 +259,19 @@ class _SelectiveScanFn(torch.autograd.Function):
             dA = sum_(b, t) q_t delta_t
         """
         u, delta, A, B, C, states = ctx.saved_tensors
-        T, S, L = ctx.sizes
-        (b, d, l), (g, n) = u.shape, B.shape[1:3]
-        dt, dtu, Bt, Ct = _scan_layouts(u, delta, B, C, L)                  # time-major
-        gyt = _time_major(gy, L).view(L, b, g, d // g, 1)                   # (L, b, g, d/g, 1)
+        (T, S, L), (b, d, l), (g, n) = ctx.sizes, u.shape, B.shape[1:3]
+        dt, dtu, Bt, Ct = _SelectiveScanFn.layouts(u, delta, B, C, L)       # time-major
+        gyt = _time_major(gy, L, b, g, d // g, 1)                           # (L, b, g, d/g, 1)
         carry, grads = g_last.reshape(b, g, d // g, n), []                  # gh just after a slab
         for k, s0 in reversed(list(enumerate(range(0, L, S)))):
             sl = slice(s0, s0 + S)
             carry, *g_slab = _run_slab(_adjoint_slab, dt[s0:s0 + S + 1], dtu[sl], A, Bt[sl],
                                        Ct[sl], gyt[sl], states[k], carry, T)
             grads.insert(0, g_slab)
-        g_dtu, g_dtA, gB, gC = (_batch_major(torch.cat(v), l) for v in list(zip(*grads))[:4])
-        gA = torch.stack([g_slab[4] for g_slab in grads]).sum(0).view(d, n)
-        g_dtu, g_dtA = g_dtu.view(b, d, l), g_dtA.view(b, d, l)            # (b, d, l)
-        return g_dtu * delta, g_dtu * u + g_dtA, gA, gB.view(b, g, n, l), gC.view(b, g, n, l)
+        g_dtu, g_dtA, gB, gC = (torch.cat(v)[:l].flatten(1).t() for v in list(zip(*grads))[:4])
+        g_dtu, g_dtA = g_dtu.reshape(b, d, l), g_dtA.reshape(b, d, l)      # (b, d, l)
+        gA = sum(g_slab[4] for g_slab in grads).view(d, n)                  # (d, n)
+        return g_dtu * delta, g_dtu * u + g_dtA, gA, gB.reshape(b, g, n, l), gC.reshape(b, g, n, l)
 
 
 def selective_scan_torch(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
@@ -294,9 +281,9 @@ def selective_scan_torch(u, delta, A, B, C, D=None, z=None, delta_bias=None, del
     Same signature, shapes and result as `selective_scan_ref` (up to float32 rounding), with
     about one Python-level step per position within a chunk instead of one per time step (see
     `_chunked_linear_scan`), and a backward that recomputes the states instead of storing them.
-    Runs on any device. Under autocast it still computes in float32 and returns float32;
-    gradients reach the inputs in their own dtype. Unlike the CUDA kernel's, the returned last
-    state is differentiable.
+    Runs on any device; its slab functions run through torch.compile per `set_scan_compile`.
+    Under autocast it still computes in float32 and returns float32; gradients reach the inputs
+    in their own dtype. Unlike the CUDA kernel's, the returned last state is differentiable.
     """
     with torch.autocast(u.device.type, enabled=False):
         u, delta, A, B, C = _prepare_scan(u, delta, A, B, C, delta_bias, delta_softplus)
@@ -306,13 +293,13 @@ def selective_scan_torch(u, delta, A, B, C, D=None, z=None, delta_bias=None, del
 
 
 # Backend choice. Some mamba-ssm builds import fine but fail when called (CUDA extension not
-# compiled, or not for this GPU), so the kernel is probed once, on the first call that could use
-# it, and the outcome is remembered.
+# compiled, or not for this GPU), and torch.compile needs Triton (GPU) or a C++ compiler (CPU):
+# each is tried once, on the first call that could use it; a failure warns once, then falls back.
 _KERNEL_DEVICE_TYPE = "cuda"    # the only device type the mamba-ssm kernel runs on
 _mamba_works = None             # None until probed, then True or False
 _last_backend = None            # what the last selective_scan ran (see last_scan_backend)
 _scan_compile = "auto"          # see set_scan_compile
-_compiled, _compile_error = {}, None  # slab function -> torch.compile'd; why compiling failed
+_compiled, _compile_error = {}, None  # slab function -> its torch.compile'd form; why it failed
 
 
 def last_scan_backend():
@@ -322,10 +309,9 @@ def last_scan_backend():
 
 
 def set_scan_compile(mode):
-    """Whether the PyTorch scan runs its slab functions (`_scan_slab`, `_adjoint_slab`) through
-    torch.compile: "auto" (default) for CUDA tensors, "on" on any device (a CPU needs a C++
-    compiler), "off" never. Where compiling fails (no Triton, no C++ compiler, MPS, an old
-    torch), the eager scan runs and one warning says why."""
+    """Whether the PyTorch scan runs its slab functions through torch.compile: "auto" (default)
+    for CUDA tensors, "on" on any device (a CPU needs a C++ compiler), "off" never. Where it
+    cannot compile (no Triton, no C++ compiler, MPS, an old torch) the scan runs eager."""
     global _scan_compile
     if mode not in ("auto", "on", "off"):
         raise ValueError(f"set_scan_compile: mode must be 'auto', 'on' or 'off', not {mode!r}")
@@ -338,9 +324,10 @@ def _run_slab(fn, *args):
     device = args[0].device
     if _compile_error or _scan_compile == "off" or (_scan_compile == "auto" and device.type != "cuda"):
         return fn(*args)
-    try:  # one graph per (S, T, shapes but b): b is dim 1 of time-major tensors, 0 of states
+    try:  # one graph per (S, T, shapes but b): copies at offset 0, b dynamic (dim 1, states 0)
         if fn not in _compiled:
             _compiled[fn] = torch.compile(fn, dynamic=False, fullgraph=True)
+        args = [t.clone() for t in args[:-1]] + [args[-1]]
         for t in args[:-1]:
             torch._dynamo.maybe_mark_dynamic(t, 1 if t.dim() == 5 else 0)
         out = _compiled[fn](*args)
@@ -353,25 +340,6 @@ def _run_slab(fn, *args):
     return out
 
 
-def _mamba_kernel_works(device):
-    """Whether the mamba-ssm kernel runs: tried once on a tiny scan on `device`, then remembered.
-    A failure gives one warning; backend="auto" then uses the PyTorch scan."""
-    global _mamba_works
-    if _mamba_works is None:
-        _mamba_works = _mamba_scan_fn is not None
-        if _mamba_works:
-            u = torch.ones(1, 2, 8, device=device)                          # (b, d, l)
-            BC = torch.ones(1, 1, 4, 8, device=device)                      # (b, g, n, l)
-            try:
-                _mamba_scan(u, u, -torch.ones(2, 4, device=device), BC, BC)
-            except (AttributeError, RuntimeError, NotImplementedError) as error:
-                warnings.warn(f"mamba-ssm is installed but its selective-scan kernel fails on "
-                              f"{device} ({type(error).__name__}: {error}); using the PyTorch scan",
-                              RuntimeWarning, stacklevel=3)
-                _mamba_works = False
-    return _mamba_works
-
-
 def _mamba_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
                 return_last_state=False):
     """mamba-ssm's `selective_scan_fn` on float32 copies, so it returns float32 like the others."""
@@ -381,6 +349,22 @@ def _mamba_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softpl
                               return_last_state)
 
 
+def _mamba_kernel_works(device):
+    """Whether the mamba-ssm kernel runs: tried once on a tiny scan on `device`, then remembered."""
+    global _mamba_works
+    if _mamba_works is None and _mamba_scan_fn is not None:
+        u, BC = torch.ones(1, 2, 8, device=device), torch.ones(1, 1, 4, 8, device=device)
+        try:
+            _mamba_scan(u, u, -torch.ones(2, 4, device=device), BC, BC)     # (b, d, l), (b, g, n, l)
+            _mamba_works = True
+        except (AttributeError, RuntimeError, NotImplementedError) as error:
+            warnings.warn(f"mamba-ssm is installed but its selective-scan kernel fails on {device} "
+                          f"({type(error).__name__}: {error}); using the PyTorch scan",
+                          RuntimeWarning, stacklevel=3)
+    _mamba_works = bool(_mamba_works)
+    return _mamba_works
+
+
 def _describe(x):
     """Shape and dtype of a tensor, for error messages; nested lists/tuples shown as lists."""
     if isinstance(x, torch.Tensor):
@@ -388,26 +372,30 @@ def _describe(x):
     return f"[{', '.join(map(_describe, x))}]" if isinstance(x, (list, tuple)) else type(x).__name__
 
 
+def _fits(t, *shape):
+    """Whether t is a real floating-point tensor of this shape (None: any size)."""
+    return (isinstance(t, torch.Tensor) and t.is_floating_point() and t.dim() == len(shape)
+            and all(s in (None, size) for s, size in zip(shape, t.shape)))
+
+
 def _check_scan_args(u, delta, A, B, C, D, z, delta_bias):
-    """Shapes and dtypes only (no data read), so that no backend answers a malformed call."""
+    """Shapes and dtypes only (no data is read), so that no backend answers a malformed call."""
     def fail(name, t, expected):
         raise ValueError(f"selective_scan: {name} has {_describe(t)}, expected {expected}")
-    floating = lambda t: isinstance(t, torch.Tensor) and t.is_floating_point()  # not int, complex
-    if not floating(u) or u.dim() != 3 or u.shape[2] < 1:
+    if not _fits(u, None, None, None) or u.shape[2] < 1:
         fail("u", u, "a floating-point (b, d, l) tensor with l >= 1")
     b, d, l = u.shape
-    if not floating(A) or A.dim() != 2 or A.shape[0] != d:
+    if not _fits(A, d, None):
         fail("A", A, f"a real floating-point (d, n) tensor with d = {d}")
     n = A.shape[1]
+    g = B.shape[1] if _fits(B, b, None, n, l) else 1
     for name, t, shape in [("delta", delta, (b, d, l)), ("z", z, (b, d, l)), ("D", D, (d,)),
                            ("delta_bias", delta_bias, (d,))]:
-        if (name == "delta" or t is not None) and not (floating(t) and t.shape == shape):
+        if (name == "delta" or t is not None) and not _fits(t, *shape):
             fail(name, t, f"a floating-point tensor of shape {shape}")
-    g = B.shape[1] if floating(B) and B.dim() == 4 else 1
-    if not floating(B) or B.dim() not in (3, 4) or (B.shape[0], *B.shape[-2:]) != (b, n, l) \
-            or g < 1 or d % g:
+    if not (_fits(B, b, n, l) or _fits(B, b, g, n, l) and g and d % g == 0):
         fail("B", B, f"(b, n, l) = {(b, n, l)} or (b, g, n, l) with g dividing d = {d}")
-    if not floating(C) or C.shape != B.shape:
+    if not _fits(C, *B.shape):
         fail("C", C, f"the shape of B, {tuple(B.shape)}")
 
 
@@ -722,22 +710,20 @@ class _Forecaster(nn.Module):
         self.checkpoint_steps = False
 
     def _check_step(self, frame, state, cells):
-        """A ValueError unless frame is a floating-point (b, C, h, w) and state is None or one
-        (h_state, c_state) pair per cell in `cells`, each (b, l, c) as that cell expects."""
-        shape = (self.in_chans, *self.img_size)
-        if not (isinstance(frame, torch.Tensor) and frame.is_floating_point() and frame.dim() == 4
-                and tuple(frame.shape[1:]) == shape):
-            raise ValueError(f"expected a floating-point frame of shape (b, {', '.join(map(str, shape))})"
-                             f", got {_describe(frame)}")
-        expected = [(frame.shape[0], *cell.state_shape) for cell in cells]
-        if state is None or (isinstance(state, (list, tuple)) and len(state) == len(cells) and all(
-                isinstance(s, (list, tuple)) and len(s) == 2 and all(
-                    isinstance(t, torch.Tensor) and tuple(t.shape) == e for t in s)
-                for s, e in zip(state, expected))):
-            return
-        expected, state = (expected, state) if len(cells) > 1 else (expected[0], state[0])
-        raise ValueError(f"state must be None or {'per cell ' if len(cells) > 1 else ''}(h_state, "
-                         f"c_state) of shapes {expected} (b, l, c), got {_describe(state)}")
+        """A ValueError unless frame is a floating-point (b, C, h, w) and state is None or, per
+        cell of `cells`, (h_state, c_state) each (b, l, c) as that cell expects."""
+        if not _fits(frame, None, self.in_chans, *self.img_size):
+            raise ValueError(f"expected a floating-point frame of shape (b, {self.in_chans}, "
+                             f"{self.img_size[0]}, {self.img_size[1]}), got {_describe(frame)}")
+        shapes = [(frame.shape[0], *cell.state_shape) for cell in cells]
+        pairs = [state] if len(cells) == 1 else state                   # VMRNN_B: one bare pair
+        if state is not None and not (isinstance(pairs, (list, tuple)) and len(pairs) == len(cells)
+                                      and all(isinstance(p, (list, tuple)) and len(p) == 2 and
+                                              _fits(p[0], *s) and _fits(p[1], *s)
+                                              for p, s in zip(pairs, shapes))):
+            raise ValueError(f"state must be None or {'per cell ' if len(cells) > 1 else ''}(h_state, "
+                             f"c_state) of shapes {shapes if len(cells) > 1 else shapes[0]} (b, l, c)"
+                             f", got {_describe(state)}")
 
     def forward(self, frames, pred_len):
         """The authors' rollout (SPEC §5), identical in training and test.
@@ -746,8 +732,7 @@ class _Forecaster(nn.Module):
         predictions for frames 1..t_in-1 (teacher-forced), then pred_len closed-loop predictions
         that start from the last observed frame and feed each prediction back in.
         """
-        if not (isinstance(frames, torch.Tensor) and frames.is_floating_point() and frames.dim() == 5
-                and tuple(frames.shape[2:]) == (self.in_chans, *self.img_size)):
+        if not _fits(frames, None, None, self.in_chans, *self.img_size):
             raise ValueError(f"expected frames of shape (b, t, {self.in_chans}, {self.img_size[0]}, "
                              f"{self.img_size[1]}), floating point, got {_describe(frames)}")
         if frames.shape[1] < 1 or not (isinstance(pred_len, int) and pred_len >= 0):
@@ -782,7 +767,7 @@ class VMRNN_B(_Forecaster):
                               dropout, cell_update, scan_backend)
 
     def step(self, frame, state=None):
-        self._check_step(frame, None if state is None else [state], [self.cell])
+        self._check_step(frame, state, [self.cell])
         h_state, state = self.cell(self.embed(frame), state)
         return torch.sigmoid(self.head(h_state)), state
 
@@ -887,25 +872,24 @@ _OFFICIAL_BLOCK_NAMES = [(r"\.self_attention\.", ".ss2d."), (r"\.ln_1\.", ".norm
 
 
 def check_state_dict(model, state_dict):
-    """Raise a one-line ValueError unless `state_dict` fits `model` key for key and shape for
-    shape. It names the first key, in the model's order, that is missing or has another shape
-    (with both shapes), else the first unexpected key. Returns None."""
-    ours, problem = model.state_dict(), None
-    unexpected = [key for key in state_dict if key not in ours]
-    for key, value in ours.items():
-        if key not in state_dict:
-            problem = f"key {key!r} is missing" + (f" (and {len(unexpected)} unexpected, the first "
-                                                   f"{unexpected[0]!r})" if unexpected else "")
-        elif getattr(state_dict[key], "shape", None) != value.shape:
-            problem = (f"{key!r} has {_describe(state_dict[key])} in the state dict but shape "
-                       f"{tuple(value.shape)} in the model")
-        if problem:
-            break
+    """Raise a one-line ValueError unless `state_dict` fits `model` key for key and shape for shape,
+    naming the first key (in the model's order) that is missing or of another shape (with both
+    shapes), else the first unexpected key. Returns None."""
+    ours = model.state_dict()
+    extra = [key for key in state_dict if key not in ours]
+    bad = next((k for k, v in ours.items() if getattr(state_dict.get(k), "shape", 0) != v.shape),
+               None)
+    if bad in state_dict:
+        problem = f"{bad!r} has {_describe(state_dict[bad])}, the model's {tuple(ours[bad].shape)}"
+    elif bad:
+        problem = f"key {bad!r} is missing" + (f" ({len(extra)} unexpected, the first {extra[0]!r})"
+                                                if extra else "")
+    elif extra:
+        problem = f"key {extra[0]!r} is unexpected"
     else:
-        problem = f"key {unexpected[0]!r} is unexpected" if unexpected else None
-    if problem:
-        raise ValueError(f"the state dict does not fit this {type(model).__name__}: {problem}; "
-                         f"check the model class and its config (embed_dim, depths, patch_size)")
+        return
+    raise ValueError(f"the state dict does not fit this {type(model).__name__}: {problem}; check "
+                     f"the model class and its config (embed_dim, depths, patch_size)")
 
 
 def load_official_state_dict(model, state_dict):
@@ -913,23 +897,18 @@ def load_official_state_dict(model, state_dict):
 
     Ignored keys are the weights the authors' models allocate but never use (the 2c -> c Linear of
     every block after the first in a cell, and VMRNN-D's second patch embedding). Any other key
-    that does not fit (unknown, missing, or of the wrong shape) raises the ValueError of
-    `check_state_dict`, which names the first such key (in our naming) and both shapes.
+    that does not fit raises `check_state_dict`'s ValueError (keys named as ours).
     """
-    ours = model.state_dict()
-    loaded, ignored = {}, []
+    ours, loaded, ignored = model.state_dict(), {}, []
     for key, value in state_dict.items():
         name = key.removeprefix("module.")               # saved from DistributedDataParallel
-        for pattern, replacement in _OFFICIAL_PREFIXES:
-            if re.match(pattern, name):
-                name = None if replacement is None else re.sub(pattern, replacement, name)
-                break
-        else:
+        rule = next(((p, r) for p, r in _OFFICIAL_PREFIXES if re.match(p, name)), None)
+        if rule is None:
             loaded[key] = value                          # unknown: check_state_dict names it
             continue
-        if name is not None:
-            for pattern, replacement in _OFFICIAL_BLOCK_NAMES:
-                name = re.sub(pattern, replacement, name)
+        name = rule[1] and re.sub(*rule, name)
+        for pattern, replacement in _OFFICIAL_BLOCK_NAMES if name else []:
+            name = re.sub(pattern, replacement, name)
         if name is None or (name not in ours and name.endswith((".lp.weight", ".lp.bias"))):
             ignored.append(key)                          # never used by the authors' forward pass
         else:
