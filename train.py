@@ -673,7 +673,8 @@ def load_weights(model, ckpt, path):
         model.load_state_dict(state)
         return "ours"
     except ValueError as e:
-        raise SystemExit(f"error: --ckpt {path} does not fit this model: {first_line(e)}; pass the "
+        reason = first_line(e).split("; check ")[0]      # vmrnn's hint names Python arguments; ours, flags
+        raise SystemExit(f"error: --ckpt {path} does not fit this model: {reason}; pass the "
                          f"--model, --depths, --embed-dim, --patch-size it was trained with") from None
 
 
@@ -925,8 +926,8 @@ def run(cfg, ckpt):
             vmrnn.check_state_dict(raw_model, ckpt["model"])
         except ValueError as e:
             raise SystemExit(f"error: --resume: {path} does not fit the model its own config describes "
-                             f"({first_line(e)}); the file was replaced or edited: start a new run with "
-                             f"another --out") from None
+                             f"({first_line(e).split('; check ')[0]}); the file was replaced or edited: start a "
+                             f"new run with another --out") from None
         try:
             raw_model.load_state_dict(ckpt["model"])
             optimizer.load_state_dict(ckpt["optimizer"])
