@@ -1,10 +1,6 @@
-"""VMRNN in one file: Vision Mamba + LSTM for spatiotemporal forecasting.
-
-A reference implementation of
-
+"""VMRNN in one file: Vision Mamba + LSTM for spatiotemporal forecasting. It implements
     Tang, Dong, Tang, Chu, Liang. "VMRNN: Integrating Vision Mamba and LSTM for Efficient and
     Accurate Spatiotemporal Forecasting", CVPR Workshops 2024.  https://arxiv.org/abs/2403.16536
-
 built on VMamba's SS2D ("v0", Liu et al. 2024, https://arxiv.org/abs/2401.10166) and Mamba's
 selective scan (S6, Gu & Dao 2023, https://arxiv.org/abs/2312.00752). It computes the same function
 as the authors' code (github.com/yyyujintang/VMRNN-PyTorch) and loads their weights
@@ -12,7 +8,6 @@ as the authors' code (github.com/yyyujintang/VMRNN-PyTorch) and loads their weig
 mamba-ssm kernel is used only if it is installed and the tensors are on a GPU.
 
 Contents, in the order the paper builds the model (bottom-up):
-
     1. Selective scan (S6)        Mamba Alg. 2, VMRNN Fig. 2(c), Eq. (8)   selective_scan
     2. Cross-scan / cross-merge   VMRNN Eqs. (7), (9)                      cross_scan, cross_merge
     3. SS2D                       VMRNN Fig. 2(c)                          SS2D
@@ -22,7 +17,6 @@ Contents, in the order the paper builds the model (bottom-up):
     7. Loading the authors' weights                                         load_official_state_dict
 
 Glossary of axis letters (used in every shape comment):
-
     b   batch                     t   frame index of a sequence
     H W patch grid (image / p)    l   = H*W tokens, the length of one scan
     c   model width (embed_dim)   d   inner width of SS2D (= 2c); in the scan, all k*d channels
@@ -179,11 +173,9 @@ def _time_major(v, L, *shape):
 
 
 def _scan_slab(dt, dtu, A, Bt, Ct, h0, T):
-    """The forward over one slab of S steps from the state h0 before it: (y_t, last state).
-
-    dt, dtu: delta and delta*u (S, b, g, d/g, 1); A (g, d/g, n); Bt, Ct (S, b, g, 1, n);
-    h0 (b, g, d/g, n). Returns y (S, b, g, d/g) and h at the slab's end (b, g, d/g, n).
-    """
+    """The forward over one slab of S steps from the state h0 (b, g, d/g, n) before it. dt, dtu:
+    delta, delta*u (S, b, g, d/g, 1); A (g, d/g, n); Bt, Ct (S, b, g, 1, n) -> y (S, b, g, d/g),
+    h at the slab's end (b, g, d/g, n)."""
     a = torch.exp_(dt * A)                                                  # eq (4)
     h = dtu * Bt                                                            # x_t = delta_t B_t u_t
     last = _chunked_linear_scan(a, h, h0, T)                                # eq (2a), x -> h
@@ -191,11 +183,10 @@ def _scan_slab(dt, dtu, A, Bt, Ct, h0, T):
 
 
 def _adjoint_slab(dt, dtu, A, Bt, Ct, gyt, h0, carry, T):
-    """The backward over one slab (equations in `_SelectiveScanFn.backward`), from the state h0
-    before it and the adjoint `carry` after it. dt has S + 1 steps (a_{t+1} is needed), gyt is
-    like dtu, the rest as in `_scan_slab`. Returns the adjoint before the slab, d(delta u) and
-    sum_n q A (S, b, g, d/g), dB and dC (S, b, g, n), and this slab's part of dA (g, d/g, n).
-    """
+    """The backward over one slab (`_SelectiveScanFn.backward`) from the state h0 before it and
+    the adjoint `carry` after it; dt has S + 1 steps (a_{t+1}), gyt is like dtu, the rest as in
+    `_scan_slab`. -> the adjoint before the slab, d(delta u) and sum_n q A (S, b, g, d/g), dB and
+    dC (S, b, g, n), and this slab's part of dA (g, d/g, n)."""
     (S, b, g, e, _), n = dtu.shape, h0.shape[-1]
     a = torch.exp_(dt * A)                                                  # a_t, s0 <= t <= s0+S
     h = h0.new_empty(S + 1, b, g, e, n)                                     # h_t, s0-1 <= t < s0+S
@@ -278,12 +269,11 @@ def selective_scan_torch(u, delta, A, B, C, D=None, z=None, delta_bias=None, del
                          return_last_state=False):
     """The selective scan in pure PyTorch, parallel over chunks of time: the default backend.
 
-    Same signature, shapes and result as `selective_scan_ref` (up to float32 rounding), with
-    about one Python-level step per position within a chunk instead of one per time step (see
-    `_chunked_linear_scan`), and a backward that recomputes the states instead of storing them.
-    Runs on any device; its slab functions run through torch.compile per `set_scan_compile`.
-    Under autocast it still computes in float32 and returns float32; gradients reach the inputs
-    in their own dtype. Unlike the CUDA kernel's, the returned last state is differentiable.
+    Same signature, shapes and result as `selective_scan_ref` (up to float32 rounding), with one
+    op per position within a chunk instead of per time step (`_chunked_linear_scan`), and a
+    backward that recomputes the states instead of storing them. Runs on any device, eager or
+    compiled (`set_scan_compile`). Under autocast it computes and returns float32; gradients reach
+    the inputs in their own dtype. Unlike the kernel's, the returned last state is differentiable.
     """
     with torch.autocast(u.device.type, enabled=False):
         u, delta, A, B, C = _prepare_scan(u, delta, A, B, C, delta_bias, delta_softplus)
@@ -366,10 +356,9 @@ def _mamba_kernel_works(device):
 
 
 def _describe(x):
-    """Shape and dtype of a tensor, for error messages; nested lists/tuples shown as lists."""
-    if isinstance(x, torch.Tensor):
-        return f"shape {tuple(x.shape)} ({x.dtype})"
-    return f"[{', '.join(map(_describe, x))}]" if isinstance(x, (list, tuple)) else type(x).__name__
+    """Shape and dtype of a tensor (lists of those for lists/tuples), for error messages."""
+    return (f"shape {tuple(x.shape)} ({x.dtype})" if isinstance(x, torch.Tensor) else
+            f"[{', '.join(map(_describe, x))}]" if isinstance(x, (list, tuple)) else type(x).__name__)
 
 
 def _fits(t, *shape):
@@ -732,14 +721,13 @@ class _Forecaster(nn.Module):
         predictions for frames 1..t_in-1 (teacher-forced), then pred_len closed-loop predictions
         that start from the last observed frame and feed each prediction back in.
         """
-        if not _fits(frames, None, None, self.in_chans, *self.img_size):
+        if not _fits(frames, None, None, self.in_chans, *self.img_size) or frames.shape[1] < 1:
             raise ValueError(f"expected frames of shape (b, t, {self.in_chans}, {self.img_size[0]}, "
-                             f"{self.img_size[1]}), floating point, got {_describe(frames)}")
-        if frames.shape[1] < 1 or not (isinstance(pred_len, int) and pred_len >= 0):
-            raise ValueError(f"need at least one input frame (got {frames.shape[1]}) and an integer "
-                             f"pred_len >= 0 (got {pred_len!r})")
-        step = self.step
-        if self.checkpoint_steps and torch.is_grad_enabled():  # backward recomputes each step
+                             f"{self.img_size[1]}), floating point, t >= 1, got {_describe(frames)}")
+        if not (isinstance(pred_len, int) and pred_len >= 0):
+            raise ValueError(f"pred_len must be an integer >= 0, got {pred_len!r}")
+        step = self.step          # with checkpoint_steps, backward recomputes each frame step:
+        if self.checkpoint_steps and torch.is_grad_enabled():
             step = lambda *args: checkpoint(self.step, *args, use_reentrant=False)
         state, preds = None, []
         for t in range(frames.shape[1] - 1):
@@ -799,20 +787,17 @@ class VMRNN_D(_Forecaster):
                              f"of {patch_size * 2 ** L}, or fewer levels")
         cell = dict(d_state=d_state, dropout=dropout, cell_update=cell_update,
                     scan_backend=scan_backend)
-
-        def grid(level):
-            return (self.grid[0] // 2 ** level, self.grid[1] // 2 ** level)
-
+        grid = lambda level: (self.grid[0] // 2 ** level, self.grid[1] // 2 ** level)
         # Stochastic depth: 0 -> drop_path_rate over the blocks of each path, in build order.
         rates_down = torch.linspace(0, drop_path_rate, sum(depths_down)).tolist()
         rates_up = torch.linspace(0, drop_path_rate, sum(depths_up)).tolist()
         self.down, self.merge = nn.ModuleList(), nn.ModuleList()
+        self.up, self.expand = nn.ModuleList(), nn.ModuleList()
         for i in range(L):
             dim, first = embed_dim * 2 ** i, sum(depths_down[:i])
             self.down.append(VMRNNCell(dim, grid(i), depths_down[i],
                                        rates_down[first:first + depths_down[i]], **cell))
             self.merge.append(PatchMerging(dim, grid(i)))
-        self.up, self.expand = nn.ModuleList(), nn.ModuleList()
         for i in range(L):
             j = L - 1 - i                                # index into depths_up (by width)
             dim, first = embed_dim * 2 ** (L - i), sum(depths_up[:j])
