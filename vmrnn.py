@@ -172,28 +172,28 @@ def _time_major(v, L, *shape):
     return v.t().contiguous().view(L, *shape)                               # (L, b, ...)
 
 
-def _scan_slab(dt, dtu, A, Bt, Ct, h0, T):
+def _scan_slab(dt, dtu, A, Bt, Ct, h0, T, work=(None, None)):
     """The forward over one slab of S steps from the state h0 (b, g, d/g, n) before it. dt, dtu:
     delta, delta*u (S, b, g, d/g, 1); A (g, d/g, n); Bt, Ct (S, b, g, 1, n) -> y (S, b, g, d/g),
-    h at the slab's end (b, g, d/g, n)."""
-    a = torch.exp_(dt * A)                                                  # eq (4)
-    h = dtu * Bt                                                            # x_t = delta_t B_t u_t
+    h at the slab's end (b, g, d/g, n). `work`: two (S, b, g, d/g, n) buffers, or new ones."""
+    a = torch.mul(dt, A, out=work[0]).exp_()                                # eq (4)
+    h = torch.mul(dtu, Bt, out=work[1])                                     # x_t = delta_t B_t u_t
     last = _chunked_linear_scan(a, h, h0, T)                                # eq (2a), x -> h
     return h.mul_(Ct).sum(-1), last                                         # eq (2b)
 
 
-def _adjoint_slab(dt, dtu, A, Bt, Ct, gyt, h0, carry, T):
+def _adjoint_slab(dt, dtu, A, Bt, Ct, gyt, h0, carry, T, work=(None, None, None)):
     """The backward over one slab (`_SelectiveScanFn.backward`) from the state h0 before it and
     the adjoint `carry` after it; dt has S + 1 steps (a_{t+1}), gyt is like dtu, the rest as in
     `_scan_slab`. -> the adjoint before the slab, d(delta u) and sum_n q A (S, b, g, d/g), dB and
-    dC (S, b, g, n), and this slab's part of dA (g, d/g, n)."""
+    dC (S, b, g, n), and this slab's part of dA (g, d/g, n). `work`: a, h, gh buffers, or new."""
     (S, b, g, e, _), n = dtu.shape, h0.shape[-1]
-    a = torch.exp_(dt * A)                                                  # a_t, s0 <= t <= s0+S
-    h = h0.new_empty(S + 1, b, g, e, n)                                     # h_t, s0-1 <= t < s0+S
+    a = torch.mul(dt, A, out=work[0]).exp_()                                # a_t, s0 <= t <= s0+S
+    h = h0.new_empty(S + 1, b, g, e, n) if work[1] is None else work[1]     # h_t, s0-1 <= t < s0+S
     h[0] = h0
     torch.mul(dtu, Bt, out=h[1:])                                           # x_t = delta_t B_t u_t
     _chunked_linear_scan(a[:S], h[1:], h0, T)                               # eq (2a), recomputed
-    gh = gyt * Ct                                                           # C_t gy_t
+    gh = torch.mul(gyt, Ct, out=work[2])                                    # C_t gy_t
     carry = _chunked_linear_scan(a[1:], gh, carry, T, reverse=True)         # adjoint of eq (2a)
     gC = torch.bmm(gyt.view(-1, 1, e), h[1:].view(-1, e, n)).view(S, b, g, n)      # dC
     gB = torch.bmm(dtu.view(-1, 1, e), gh.view(-1, e, n)).view(S, b, g, n)         # dB
@@ -231,8 +231,9 @@ class _SelectiveScanFn(torch.autograd.Function):
         A = A.reshape(g, d // g, n)                                         # (g, d/g, n)
         dt, dtu, Bt, Ct = _SelectiveScanFn.layouts(u, delta, B, C, L)       # time-major
         states, ys = [u.new_zeros(b, g, d // g, n)], []                     # h before each slab
+        work = _workspace(u, [S, S], b, g, d // g, n)                       # (S, b, g, d/g, n) x 2
         for sl in (slice(s0, s0 + S) for s0 in range(0, L, S)):
-            y, last = _run_slab(_scan_slab, dt[sl], dtu[sl], A, Bt[sl], Ct[sl], states[-1], T)
+            y, last = _run_slab(_scan_slab, work, dt[sl], dtu[sl], A, Bt[sl], Ct[sl], states[-1], T)
             ys.append(y)
             states.append(last)
         ctx.save_for_backward(u, delta, A, B, C, torch.stack(states[:-1]))
@@ -254,10 +255,11 @@ class _SelectiveScanFn(torch.autograd.Function):
         dt, dtu, Bt, Ct = _SelectiveScanFn.layouts(u, delta, B, C, L)       # time-major
         gyt = _time_major(gy, L, b, g, d // g, 1)                           # (L, b, g, d/g, 1)
         carry, grads = g_last.reshape(b, g, d // g, n), []                  # gh just after a slab
+        work = _workspace(u, [S + 1, S + 1, S], b, g, d // g, n)            # a, h, gh
         for k, s0 in reversed(list(enumerate(range(0, L, S)))):
             sl = slice(s0, s0 + S)
-            carry, *g_slab = _run_slab(_adjoint_slab, dt[s0:s0 + S + 1], dtu[sl], A, Bt[sl],
-                                       Ct[sl], gyt[sl], states[k], carry, T)
+            carry, *g_slab = _run_slab(_adjoint_slab, work, dt[s0:s0 + S + 1], dtu[sl], A,
+                                       Bt[sl], Ct[sl], gyt[sl], states[k], carry, T)
             grads.insert(0, g_slab)
         g_dtu, g_dtA, gB, gC = (torch.cat(v)[:l].flatten(1).t() for v in list(zip(*grads))[:4])
         g_dtu, g_dtA = g_dtu.reshape(b, d, l), g_dtA.reshape(b, d, l)      # (b, d, l)
@@ -308,12 +310,22 @@ def set_scan_compile(mode):
     _scan_compile = mode
 
 
-def _run_slab(fn, *args):
-    """fn(*args), through torch.compile if set_scan_compile() asks for it here and it works."""
+def _compile_wanted(device):
+    """Whether set_scan_compile() asks to compile the scan for tensors on `device` (and it can)."""
+    return not _compile_error and (_scan_compile == "on" or (_scan_compile == "auto" and
+                                                             device.type == "cuda"))
+
+
+def _workspace(u, steps, *shape):
+    """Slab buffers that the eager scan reuses from slab to slab (a compiled one allocates its own)."""
+    return None if _compile_wanted(u.device) else [u.new_empty(S, *shape) for S in steps]
+
+
+def _run_slab(fn, work, *args):
+    """fn(*args, work), or fn(*args) through torch.compile if set_scan_compile() asks for it."""
     global _last_backend, _compile_error
-    device = args[0].device
-    if _compile_error or _scan_compile == "off" or (_scan_compile == "auto" and device.type != "cuda"):
-        return fn(*args)
+    if work is not None or not _compile_wanted(args[0].device):
+        return fn(*args, *[work] if work else [])
     try:  # one graph per (S, T, shapes but b): copies at offset 0, b dynamic (dim 1, states 0)
         if fn not in _compiled:
             _compiled[fn] = torch.compile(fn, dynamic=False, fullgraph=True)
@@ -323,7 +335,7 @@ def _run_slab(fn, *args):
         out = _compiled[fn](*args)
     except Exception as error:  # torch, Triton or the C++ compiler: any failure means eager
         _compile_error = f"{type(error).__name__}: {(str(error) or '?').splitlines()[0]}"
-        warnings.warn(f"torch.compile cannot compile the selective scan on {device} "
+        warnings.warn(f"torch.compile cannot compile the selective scan on {args[0].device} "
                       f"({_compile_error}); using the eager scan", RuntimeWarning, stacklevel=2)
         return fn(*args)
     _last_backend = "torch-compiled"
