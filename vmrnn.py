@@ -68,18 +68,14 @@ def _prepare_scan(u, delta, A, B, C, delta_bias, delta_softplus):
         delta = delta + delta_bias.to(dtype)[:, None]                       # (b, d, l)
     if delta_softplus:
         delta = F.softplus(delta)                                           # Alg. 2 line 4
-    B = B[:, None] if B.dim() == 3 else B                                   # (b, g, n, l)
-    C = C[:, None] if C.dim() == 3 else C                                   # (b, g, n, l)
+    B, C = (v[:, None] if v.dim() == 3 else v for v in (B, C))              # (b, g, n, l)
     return u, delta, A, B, C
 
 
 def _skip_and_gate(y, u, D, z):
     """What every scan does last: y + D u (the skip term), then y * silu(z) (the gate)."""
-    if D is not None:
-        y = y + D.to(y.dtype)[:, None] * u
-    if z is not None:
-        y = y * F.silu(z.to(y.dtype))
-    return y
+    y = y if D is None else y + D.to(y.dtype)[:, None] * u
+    return y if z is None else y * F.silu(z.to(y.dtype))
 
 
 def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
@@ -98,12 +94,10 @@ def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta
     """
     u, delta, A, B, C = _prepare_scan(u, delta, A, B, C, delta_bias, delta_softplus)
     b, d, l = u.shape
-    B = B.repeat_interleave(d // B.shape[1], dim=1)                         # (b, d, n, l)
-    C = C.repeat_interleave(d // C.shape[1], dim=1)                         # (b, d, n, l)
+    B, C = (v.repeat_interleave(d // v.shape[1], dim=1) for v in (B, C))    # (b, d, n, l)
     deltaA = torch.exp(torch.einsum("bdl,dn->bdln", delta, A))              # eq (4)
     deltaB_u = torch.einsum("bdl,bdnl,bdl->bdln", delta, B, u)              # B_bar u = delta B u
-    h = u.new_zeros(b, d, A.shape[1])                                       # (b, d, n)
-    ys = []
+    h, ys = u.new_zeros(b, d, A.shape[1]), []                               # (b, d, n)
     for dA_t, dBu_t, C_t in zip(deltaA.unbind(2), deltaB_u.unbind(2), C.unbind(3)):
         h = dA_t * h + dBu_t                                                # eq (2a)
         ys.append((h * C_t).sum(-1))                                        # eq (2b), (b, d)
@@ -155,8 +149,8 @@ def _chunked_linear_scan(a, x, h0, chunk, reverse=False):
         # (2) chain the chunks: start_c = decay_{c-1} start_{c-1} + e_{c-1}
         for prev, c in zip(chunks, chunks[1:]):
             torch.addcmul(e[prev], decay[prev], start[prev], out=start[c])  # eq (2a), per chunk
-    # (3) rescan every chunk from its start state, all at once, in place. Note: when compiled,
-    # new tensors stacked into x once instead: Inductor fuses those (the in-place form ran 6x slower).
+    # (3) rescan every chunk from its start state, all at once, in place. Note: compiled, new
+    # tensors stacked into x once instead, which Inductor fuses (in place it ran 18x slower, CPU).
     h, hs = start, {}
     for t in steps:
         h = hs[t] = torch.addcmul(xt[t], at[t], h) if _compiling() else xt[t].addcmul_(at[t], h)
@@ -220,8 +214,8 @@ class _SelectiveScanFn(torch.autograd.Function):
         """delta (L+1, b, g, d/g, 1) (one step more: backward needs a_{t+1}), delta*u
         (L, b, g, d/g, 1), B and C (L, b, g, 1, n): time-major, channels in their B/C groups."""
         (b, d, _), (g, n) = u.shape, B.shape[1:3]
-        return (_time_major(delta, L + 1, b, g, d // g, 1),
-                _time_major(delta * u, L, b, g, d // g, 1), *(_time_major(v, L, b, g, 1, n) for v in (B, C)))
+        return (_time_major(delta, L + 1, b, g, d // g, 1), _time_major(delta * u, L, b, g, d // g, 1),
+                _time_major(B, L, b, g, 1, n), _time_major(C, L, b, g, 1, n))
 
     @staticmethod
     def forward(ctx, u, delta, A, B, C):
@@ -429,10 +423,8 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
 # --------------------------------------------------------------------------------------------------
 
 def cross_scan(x):
-    """Unfold a feature map into the four scan orders of SS2D ("scan expand", Eq. 7).
-
-    x (b, d, H, W) -> (b, k=4, d, l): row-major (h, w), column-major (w, h), and both reversed.
-    """
+    """Unfold a feature map into the four scan orders of SS2D ("scan expand", Eq. 7): x (b, d, H, W)
+    -> (b, k=4, d, l): row-major (h, w), column-major (w, h), and both reversed."""
     rows = x.flatten(2)                                  # (b, d, l)  order (h, w)
     cols = x.transpose(2, 3).flatten(2)                  # (b, d, l)  order (w, h)
     xs = torch.stack([rows, cols], dim=1)                # (b, 2, d, l)
@@ -440,10 +432,8 @@ def cross_scan(x):
 
 
 def cross_merge(ys, H, W):
-    """Fold the four scanned sequences back onto the grid and sum them ("scan merge", Eq. 9).
-
-    ys (b, k=4, d, l) -> (b, d, l) in row-major order. cross_merge(cross_scan(x)) == 4 * x.
-    """
+    """Fold the four scanned sequences back onto the grid and sum them ("scan merge", Eq. 9):
+    ys (b, k=4, d, l) -> (b, d, l) in row-major order. cross_merge(cross_scan(x)) == 4 * x."""
     b, _, d, l = ys.shape
     ys = ys[:, :2] + ys[:, 2:].flip(-1)                  # (b, 2, d, l)  undo the reversals
     rows, cols = ys.unbind(1)                            # (b, d, l) each
@@ -621,10 +611,8 @@ class PatchEmbed(nn.Module):
 
 class PatchInflate(nn.Module):
     """Tokens -> frame ("patch inflated" in the authors' code): transposed convolutions, x2 each.
-
     (b, l, c) -> (b, C, h, w) logits. For p > 2 the authors first apply p // 4 stages of
-    [ConvTranspose2d(c -> c), GroupNorm(16, c), LeakyReLU(0.2)], then ConvTranspose2d(c -> C).
-    """
+    [ConvTranspose2d(c -> c), GroupNorm(16, c), LeakyReLU(0.2)], then ConvTranspose2d(c -> C)."""
 
     def __init__(self, patch_size, in_chans, dim, grid):
         super().__init__()
@@ -678,7 +666,6 @@ class PatchExpanding(nn.Module):
 
 class _Forecaster(nn.Module):
     """What VMRNN-B and VMRNN-D share: input checks, the patch embedding, and the rollout.
-
     Set `checkpoint_steps = True` to trade compute for memory in training: each frame step of the
     rollout then keeps only its inputs, and backward recomputes it (same result, same drop path).
     """
@@ -727,8 +714,7 @@ class _Forecaster(nn.Module):
                              f", got {_describe(state)}")
 
     def forward(self, frames, pred_len):
-        """The authors' rollout (SPEC §5), identical in training and test.
-
+        """The authors' rollout (SPEC §5), identical in training and test:
         frames (b, t_in, C, h, w) in [0, 1] -> (b, t_in - 1 + pred_len, C, h, w): the next-frame
         predictions for frames 1..t_in-1 (teacher-forced), then pred_len closed-loop predictions
         that start from the last observed frame and feed each prediction back in.
@@ -754,7 +740,6 @@ class _Forecaster(nn.Module):
 
 class VMRNN_B(_Forecaster):
     """VMRNN-B (Fig. 3, left): patch embedding -> one VMRNN cell -> reconstruction.
-
     `step(frame, state)` advances one frame: frame (b, C, h, w), state None or (h_state, c_state)
     -> (prediction of the next frame (b, C, h, w) in (0, 1), new state).
     Stochastic depth uses the same rate in every block, as the authors' code does.
@@ -851,18 +836,12 @@ def paper_model(name, **overrides):
 # model never uses (ignored). Covers their Moving-MNIST B (`ST.layers.0`), OpenSTL B (`ST.layer`)
 # and Moving-MNIST / OpenSTL D (`Downsample` / `Upsample`) models.
 _OFFICIAL_PREFIXES = [
-    (r"^ST\.patch_embed\.", "embed."),
-    (r"^ST\.patch_inflated\.Conv_\.", "head.up."),
-    (r"^ST\.patch_inflated\.Conv\.", "head.out."),
-    (r"^ST\.(?:layer|layers\.0)\.VSBs\.", "cell.blocks."),
-    (r"^Downsample\.patch_embed\.", "embed."),
-    (r"^Downsample\.layers\.(\d+)\.VSBs\.", r"down.\1.blocks."),
-    (r"^Downsample\.downsample\.", "merge."),
-    (r"^Upsample\.patch_embed\.", None),
-    (r"^Upsample\.Unembed\.Conv_\.", "head.up."),
-    (r"^Upsample\.Unembed\.Conv\.", "head.out."),
-    (r"^Upsample\.layers\.(\d+)\.VSBs\.", r"up.\1.blocks."),
-    (r"^Upsample\.upsample\.", "expand."),
+    (r"^ST\.patch_embed\.", "embed."), (r"^ST\.(?:layer|layers\.0)\.VSBs\.", "cell.blocks."),
+    (r"^ST\.patch_inflated\.Conv_\.", "head.up."), (r"^ST\.patch_inflated\.Conv\.", "head.out."),
+    (r"^Downsample\.patch_embed\.", "embed."), (r"^Downsample\.downsample\.", "merge."),
+    (r"^Downsample\.layers\.(\d+)\.VSBs\.", r"down.\1.blocks."), (r"^Upsample\.patch_embed\.", None),
+    (r"^Upsample\.Unembed\.Conv_\.", "head.up."), (r"^Upsample\.Unembed\.Conv\.", "head.out."),
+    (r"^Upsample\.layers\.(\d+)\.VSBs\.", r"up.\1.blocks."), (r"^Upsample\.upsample\.", "expand."),
 ]
 _OFFICIAL_BLOCK_NAMES = [(r"\.self_attention\.", ".ss2d."), (r"\.ln_1\.", ".norm."),
                          (r"\.linear\.", ".lp.")]
@@ -891,7 +870,6 @@ def check_state_dict(model, state_dict):
 
 def load_official_state_dict(model, state_dict):
     """Load weights saved by the authors' code into `model`; returns the keys it ignored.
-
     Ignored keys are the weights the authors' models allocate but never use (the 2c -> c Linear of
     every block after the first in a cell, and VMRNN-D's second patch embedding). Any other key
     that does not fit raises `check_state_dict`'s ValueError (keys named as ours).
