@@ -304,22 +304,20 @@ def set_scan_compile(mode):
     _scan_compile = mode
 
 
-def _compile_wanted(device):
-    """Whether set_scan_compile() asks to compile the scan for tensors on `device` (and it can)."""
-    return not _compile_error and (_scan_compile == "on" or (_scan_compile == "auto" and
-                                                             device.type == "cuda"))
-
-
 def _workspace(u, steps, *shape):
-    """Slab buffers that the eager scan reuses from slab to slab (a compiled one allocates its own)."""
-    return None if _compile_wanted(u.device) else [u.new_empty(S, *shape) for S in steps]
+    """Buffers that the eager scan reuses from slab to slab, or None where set_scan_compile() asks
+    to compile for u's device (a compiled slab function allocates its own)."""
+    if not _compile_error and (_scan_compile == "on" or (_scan_compile == "auto" and
+                                                         u.device.type == "cuda")):
+        return None
+    return [u.new_empty(S, *shape) for S in steps]
 
 
 def _run_slab(fn, work, *args):
-    """fn(*args, work), or fn(*args) through torch.compile if set_scan_compile() asks for it."""
+    """fn(*args, work) eagerly, or fn(*args) through torch.compile if `work` is None."""
     global _last_backend, _compile_error
-    if work is not None or not _compile_wanted(args[0].device):
-        return fn(*args, *[work] if work else [])
+    if work is not None or _compile_error:
+        return fn(*args) if work is None else fn(*args, work)
     try:  # one graph per (S, T, shapes but b): copies at offset 0, b dynamic (dim 1, states 0)
         if fn not in _compiled:
             _compiled[fn] = torch.compile(fn, dynamic=False, fullgraph=True)
