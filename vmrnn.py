@@ -232,7 +232,7 @@ class _SelectiveScanFn(torch.autograd.Function):
             states.append(last)
         ctx.save_for_backward(u, delta, A, B, C, torch.stack(states[:-1]))
         ctx.sizes = T, S, L
-        y = torch.cat(ys)[:l].flatten(1).t().reshape(b, d, l)               # (b, d, l)
+        y = torch.cat(ys)[:l].flatten(1).t().contiguous().view(b, d, l)     # (b, d, l)
         return y, states[-1].view(b, d, n)
 
     @staticmethod
@@ -255,10 +255,11 @@ class _SelectiveScanFn(torch.autograd.Function):
             carry, *g_slab = _run_slab(_adjoint_slab, work, dt[s0:s0 + S + 1], dtu[sl], A,
                                        Bt[sl], Ct[sl], gyt[sl], states[k], carry, T)
             grads.insert(0, g_slab)
-        g_dtu, g_dtA, gB, gC = (torch.cat(v)[:l].flatten(1).t() for v in list(zip(*grads))[:4])
-        g_dtu, g_dtA = g_dtu.reshape(b, d, l), g_dtA.reshape(b, d, l)      # (b, d, l)
+        g_dtu, g_dtA, gB, gC = (torch.cat(v)[:l].flatten(1).t().contiguous() for v in
+                                list(zip(*grads))[:4])                      # (b ..., l) each
+        g_dtu, g_dtA = g_dtu.view(b, d, l), g_dtA.view(b, d, l)            # (b, d, l)
         gA = sum(g_slab[4] for g_slab in grads).view(d, n)                  # (d, n)
-        return g_dtu * delta, g_dtu * u + g_dtA, gA, gB.reshape(b, g, n, l), gC.reshape(b, g, n, l)
+        return g_dtu * delta, g_dtu * u + g_dtA, gA, gB.view(b, g, n, l), gC.view(b, g, n, l)
 
 
 def selective_scan_torch(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
