@@ -325,7 +325,8 @@ def _run_slab(fn, work, *args):
         args = [t.clone() for t in args[:-1]] + [args[-1]]
         for t in args[:-1]:
             torch._dynamo.maybe_mark_dynamic(t, 1 if t.dim() == 5 else 0)
-        out = _compiled[fn](*args)
+        with torch._dynamo.config.patch(recompile_limit=64):  # a graph per scan shape, not 8
+            out = _compiled[fn](*args)
     except Exception as error:  # torch, Triton or the C++ compiler: any failure means eager
         _compile_error = f"{type(error).__name__}: {(str(error) or '?').splitlines()[0]}"
         warnings.warn(f"torch.compile cannot compile the selective scan on {args[0].device} "
