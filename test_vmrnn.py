@@ -12,12 +12,15 @@ import math
 import os
 import pickle
 import re
+import shlex
 import shutil
+import signal
 import socket
 import struct
 import subprocess
 import sys
 import threading
+import time
 import warnings
 from pathlib import Path
 
@@ -25,21 +28,32 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+import torch.utils._python_dispatch
 from PIL import Image
 from skimage.metrics import structural_similarity
 
+import bench
 import data
 import train
 import vmrnn
 from data import DataError
-from vmrnn import (VMRNN_B, VMRNN_D, cross_merge, cross_scan, load_official_state_dict, paper_model,
-                   selective_scan, selective_scan_ref, selective_scan_torch)
+from vmrnn import (VMRNN_B, VMRNN_D, check_state_dict, cross_merge, cross_scan, load_official_state_dict,
+                   paper_model, selective_scan, selective_scan_ref, selective_scan_torch)
 
 ROOT = Path(__file__).resolve().parent
 SHARED = ROOT.parent / "shared"
 T10K = SHARED / "data" / "t10k-images-idx3-ubyte.gz"
 FIXTURES = SHARED / "fixtures"
 FIXTURE_NAMES = ["mmnist_b_small", "mmnist_d_small", "openstl_b_small"]
+
+
+@pytest.fixture(autouse=True)
+def _restore_global_settings():
+    """train.py and bench.py set vmrnn's scan-compile mode and torch's thread count: put both back."""
+    mode, threads = vmrnn._scan_compile, torch.get_num_threads()
+    yield
+    vmrnn.set_scan_compile(mode)
+    torch.set_num_threads(threads)
 
 
 # ==================================================================================================
@@ -502,6 +516,352 @@ def test_unknown_keyword_raises():
     """No **kwargs pass-through: a misspelt argument is an error, not a silent default."""
     with pytest.raises(TypeError):
         VMRNN_B(16, 2, 1, 16, dept=2)
+
+def _bad_scan_inputs(change):
+    x = {k: v.float() for k, v in scan_inputs(2, 8, 33, 4, 4).items()}
+    x.update(change(x))
+    return x
+
+
+BAD_SCAN_INPUTS = {  # what the issue found accepted (the first two silently wrong), and the rest
+    "B-length-32": (lambda x: dict(B=x["B"][..., :32]), r"B has shape \(2, 4, 4, 32\)"),
+    "C-length-40": (lambda x: dict(C=torch.randn(2, 4, 4, 40)), r"C has shape \(2, 4, 4, 40\)"),
+    "C-grouped-unlike-B": (lambda x: dict(C=x["C"][:, :2]), r"C has .*the shape of B, \(2, 4, 4, 33"),
+    "B-ungrouped-wrong-n": (lambda x: dict(B=torch.randn(2, 5, 33)), r"B has shape \(2, 5, 33\)"),
+    "B-batch-1": (lambda x: dict(B=x["B"][:1]), r"B has shape \(1, 4, 4, 33\)"),
+    "B-groups-not-dividing-d": (lambda x: dict(B=torch.randn(2, 3, 4, 33)), r"B has shape \(2, 3, 4, 33\).*g dividing d = 8"),
+    "A-wrong-d": (lambda x: dict(A=x["A"][:6]), r"A has shape \(6, 4\)"),
+    "A-complex": (lambda x: dict(A=x["A"].to(torch.complex64)), r"A has .*complex64.* real"),
+    "u-2d": (lambda x: dict(u=x["u"][0]), r"u has shape \(8, 33\)"),
+    "u-l-0": (lambda x: dict(u=x["u"][..., :0]), r"u has shape \(2, 8, 0\).*l >= 1"),
+    "u-int64": (lambda x: dict(u=x["u"].long()), r"u has .*torch.int64"),
+    "delta-shape": (lambda x: dict(delta=x["delta"][..., :32]), r"delta has shape \(2, 8, 32\)"),
+    "z-shape": (lambda x: dict(z=x["z"][:1]), r"z has shape \(1, 8, 33\)"),
+    "D-shape": (lambda x: dict(D=x["D"][:4]), r"D has shape \(4,\)"),
+    "delta_bias-shape": (lambda x: dict(delta_bias=x["delta_bias"][None]),
+                         r"delta_bias has shape \(1, 8\)"),
+    "delta-missing": (lambda x: dict(delta=None), "delta has NoneType"),
+}
+
+
+@pytest.mark.parametrize("backend", ["auto", "torch", "ref"])
+@pytest.mark.parametrize("case", BAD_SCAN_INPUTS, ids=list(BAD_SCAN_INPUTS))
+def test_scan_rejects_bad_inputs_naming_the_argument(case, backend):
+    change, match = BAD_SCAN_INPUTS[case]
+    with pytest.raises(ValueError, match="selective_scan: " + match):
+        selective_scan(**_bad_scan_inputs(change), delta_softplus=True, backend=backend)
+
+
+def test_scan_accepts_every_documented_form():
+    x = {k: v.float() for k, v in scan_inputs(2, 8, 33, 4, 0).items()}    # B, C (b, n, l)
+    selective_scan(**x)
+    selective_scan(**{**x, "D": None, "z": None, "delta_bias": None})
+    selective_scan(**{k: v.half() for k, v in x.items()})                 # low precision inputs
+    grouped = x["B"][:, None].expand(2, 2, 4, 33)                           # g = 2 divides d = 8
+    selective_scan(**{**x, "B": grouped, "C": grouped})
+
+
+# --------------------------------------------------------------------------------------------------
+# Bad input: the models' constructors, forward and step
+# --------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("make, match", [
+    (lambda: VMRNN_B(16, 2, 1, 16, drop_path_rate=1.5), r"drop_path_rate .*\[0, 1\), got 1.5"),
+    (lambda: VMRNN_B(16, 2, 1, 16, drop_path_rate=-0.5), r"drop_path_rate .*got -0.5"),
+    (lambda: VMRNN_D(16, 2, 1, 16, drop_path_rate=1.0), r"drop_path_rate .*got 1.0"),
+    (lambda: VMRNN_B(16, 2, 1, 16, dropout=1.0), r"dropout .*\[0, 1\), got 1.0"),
+    (lambda: VMRNN_D(16, 2, 1, 16, dropout=-0.1), r"dropout .*got -0.1"),
+    (lambda: VMRNN_B(16, 2, 1, 16, d_state=0), "d_state must be >= 1, got 0"),
+    (lambda: VMRNN_B(16, 4, 1, 0), "embed_dim must be >= 1, got 0"),
+    (lambda: VMRNN_B(16, 2, 0, 16), "in_chans must be >= 1, got 0"),
+    (lambda: VMRNN_B(16, 2, 1, 16, depth=0), "at least one VSS block, got depth=0"),
+    (lambda: VMRNN_D(16, 2, 1, 16, depths_down=(1, 0), depths_up=(1, 1)), "got depth=0"),
+])
+def test_out_of_range_options_raise_clear_errors(make, match):
+    with pytest.raises(ValueError, match=match):
+        make()
+
+
+def _small_models():
+    torch.manual_seed(0)
+    return [VMRNN_B(16, 2, 1, 16, depth=1), VMRNN_D(16, 2, 1, 16, depths_down=(1, 1),
+                                                   depths_up=(1, 1))]
+
+
+@pytest.mark.parametrize("frame, match", [
+    (torch.rand(2, 1, 16, 8), r"frame of shape \(b, 1, 16, 16\), got shape \(2, 1, 16, 8\)"),
+    (torch.rand(1, 16, 16), r"got shape \(1, 16, 16\)"),
+    (torch.zeros(2, 1, 16, 16, dtype=torch.uint8), r"floating-point frame .*torch.uint8"),
+])
+def test_step_rejects_bad_frames(frame, match):
+    for model in _small_models():
+        with pytest.raises(ValueError, match=match):
+            model.step(frame)
+
+
+def test_forward_rejects_int_frames_and_bad_pred_len():
+    model = _small_models()[0]
+    with pytest.raises(ValueError, match=r"expected frames .*torch.int64"):
+        model(torch.zeros(2, 3, 1, 16, 16, dtype=torch.long), 1)
+    with pytest.raises(ValueError, match=r"t >= 1, got shape \(2, 0, 1, 16, 16\)"):
+        model(torch.rand(2, 0, 1, 16, 16), 1)
+    for pred_len in (-1, 1.5):
+        with pytest.raises(ValueError, match=f"pred_len must be an integer >= 0, got {pred_len}"):
+            model(torch.rand(2, 3, 1, 16, 16), pred_len)
+
+
+def test_step_rejects_bad_states():
+    model_b, model_d = _small_models()
+    frame = torch.rand(2, 1, 16, 16)
+    with torch.no_grad():
+        _, state_b = model_b.step(frame)
+        _, state_d = model_d.step(frame)
+        model_b.step(frame, state_b)                                        # good states pass
+        model_d.step(frame, state_d)
+    h, c = state_b
+    bad_b = [(h,), (h, c[:1]), (h, c, c), [h[:, :8], c], None]
+    for bad in bad_b[:-1]:
+        with pytest.raises(ValueError, match=r"state must be None or \(h_state, c_state\) of "
+                                             r"shapes \(2, 64, 16\) \(b, l, c\), got "):
+            model_b.step(frame, bad)
+    with pytest.raises(ValueError, match=r"of shapes \(2, 64, 16\) \(b, l, c\), got \[\[shape"):
+        model_b.step(frame, [state_b])                                      # VMRNN_D's form
+    assert len(state_d) == 4
+    for bad in (state_d[:3], state_d[::-1], [*state_d[:3], state_b], state_b):
+        with pytest.raises(ValueError, match=r"state must be None or per cell .*\(2, 64, 16\), "
+                                             r"\(2, 16, 32\), \(2, 4, 64\), \(2, 16, 32\)"):
+            model_d.step(frame, bad)
+    with pytest.raises(ValueError, match=r"shapes \[\(1, 64, 16\), .* got \[\[shape \(2, 64, 16\)"):
+        model_d.step(torch.rand(1, 1, 16, 16), state_d)                     # batch changed
+
+
+# --------------------------------------------------------------------------------------------------
+# Checkpoints that do not fit: the first mismatching key and both shapes
+# --------------------------------------------------------------------------------------------------
+
+def test_check_state_dict_names_the_first_mismatch():
+    model = VMRNN_B(16, 2, 1, 16, depth=2)
+    state = model.state_dict()
+    assert check_state_dict(model, state) is None
+    first = next(iter(state))
+    with pytest.raises(ValueError, match=f"VMRNN_B: key '{first}' is missing; check the model"):
+        check_state_dict(model, {k: v for k, v in state.items() if k != first})
+    with pytest.raises(ValueError, match=r"key 'extra' is unexpected"):
+        check_state_dict(model, {**state, "extra": torch.zeros(1)})
+    wider = VMRNN_B(16, 2, 1, 32, depth=2).state_dict()
+    with pytest.raises(ValueError, match=rf"'{first}' has shape \(32, 1, 2, 2\) \(torch.float32\), "
+                                         rf"the model's \(16, 1, 2, 2\); check the model class"):
+        check_state_dict(model, wider)
+    deeper = VMRNN_B(16, 2, 1, 16, depth=3)
+    with pytest.raises(ValueError, match=r"key 'cell.blocks.2.norm.weight' is missing"):
+        check_state_dict(deeper, state)
+    compiled_keys = {f"_orig_mod.{k}": v for k, v in state.items()}
+    with pytest.raises(ValueError, match=f"'{first}' is missing \\({len(state)} unexpected, "
+                                         f"the first '_orig_mod.{first}'\\)"):
+        check_state_dict(model, compiled_keys)
+
+
+def test_official_loader_names_the_official_key_that_is_unknown():
+    fixture = load_fixture("mmnist_b_small")
+    model = model_from_fixture(fixture)
+    with pytest.raises(ValueError, match=r"key 'Foo.bar' is unexpected"):
+        vmrnn.load_official_state_dict(model, {**fixture["state_dict"], "Foo.bar": torch.zeros(1)})
+
+
+# --------------------------------------------------------------------------------------------------
+# Activation checkpointing per frame step
+# --------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("make", [
+    lambda: VMRNN_B(16, 2, 1, 16, depth=2, drop_path_rate=0.5),
+    lambda: VMRNN_D(16, 2, 1, 16, depths_down=(1, 2), depths_up=(2, 1), drop_path_rate=0.5),
+])
+def test_checkpoint_steps_gives_the_same_outputs_and_gradients(make):
+    torch.manual_seed(0)
+    model = make().train()
+    frames = torch.rand(2, 4, 1, 16, 16)
+    results = []
+    for checkpoint_steps in (False, True):
+        model.checkpoint_steps = checkpoint_steps
+        model.zero_grad()
+        torch.manual_seed(1)                                                # same drop-path draws
+        out = model(frames[:, :2], pred_len=2)
+        (out * torch.linspace(0, 1, out.numel()).view(out.shape)).sum().backward()
+        results.append((out.detach(), {k: p.grad.clone() for k, p in model.named_parameters()}))
+    (out, grads), (out_ckpt, grads_ckpt) = results
+    torch.testing.assert_close(out_ckpt, out, rtol=0, atol=0)
+    for k in grads:
+        torch.testing.assert_close(grads_ckpt[k], grads[k], rtol=1e-5, atol=1e-6, msg=k)
+    torch.manual_seed(2)
+    assert not torch.equal(model(frames[:, :2], 2), out)                    # drop path is random
+
+
+def test_checkpoint_steps_saves_only_step_inputs():
+    """With checkpointing, autograd keeps no scan-sized tensor per step: fewer saved bytes."""
+    model = VMRNN_B(16, 2, 1, 16, depth=2, drop_path_rate=0.0).train()
+    frames = torch.rand(2, 4, 1, 16, 16)
+    saved = []
+    for checkpoint_steps in (False, True):
+        model.checkpoint_steps = checkpoint_steps
+        total = [0]
+        def pack(t):
+            total[0] += t.numel() * t.element_size()
+            return t
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            model(frames, pred_len=2)
+        saved.append(total[0])
+    assert saved[1] < saved[0] / 4
+    with torch.no_grad():                                                   # no-op without grad
+        model(frames, pred_len=2)
+
+
+# --------------------------------------------------------------------------------------------------
+# The scan with GPU sizing and through torch.compile, on CPU
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def gpu_sizing(monkeypatch):
+    """Size the eager scan as on a GPU (chunks of 32, long slabs) although the tensors are on CPU;
+    returns a function that sets the slab length (in steps) for d*n state elements per sample."""
+    sizes = vmrnn._slab_sizes
+    monkeypatch.setattr(vmrnn, "_slab_sizes", lambda device, *a: sizes(torch.device("cuda"), *a))
+    return lambda steps, dn: monkeypatch.setattr(vmrnn, "_GPU_SLAB_ELEMENTS", steps * dn)
+
+
+@pytest.mark.parametrize("slab_steps", [None, 64], ids=["one-slab", "slabs-of-64"])
+@pytest.mark.parametrize("g", [4, 0], ids=["grouped", "ungrouped"])
+@pytest.mark.parametrize("l", [1, 45, 300])
+def test_gpu_sized_scan_matches_loop(l, g, slab_steps, gpu_sizing):
+    b, d, n = 2, 8, 4
+    if slab_steps:
+        gpu_sizing(slab_steps, d * n)
+    assert vmrnn._slab_sizes(torch.device("cpu"), b, d * n, l)[0] == 32
+    check_against_loop(scan_inputs(b, d, l, n, g), list(NAMES))
+
+
+@pytest.mark.parametrize("init", ["mamba", "large"])
+def test_gpu_sized_scan_at_mamba_init_and_large_steps(init, gpu_sizing):
+    gpu_sizing(256, 8 * 16)
+    check_against_loop(scan_inputs(1, 8, 1031, 16, 4, init=init), list(NAMES))
+
+
+def test_gpu_sized_gradcheck_float64(gpu_sizing):
+    gpu_sizing(32, 4 * 3)                                                   # slabs of one chunk
+    x = scan_inputs(1, 4, 40, 3, 2)
+    inputs = [x[k].requires_grad_() for k in NAMES]
+    f = lambda *args: vmrnn.selective_scan_torch(*args, delta_softplus=True, return_last_state=True)
+    assert torch.autograd.gradcheck(f, inputs)
+
+
+class _CountOps(torch.utils._python_dispatch.TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _count_scan_ops(b, d, l, n, g):
+    """aten ops of one scan call, forward and backward, on "meta" tensors (no data, same ops)."""
+    shapes = [(b, d, l), (b, d, l), (d, n), (b, g, n, l), (b, g, n, l)]
+    u, delta, A, B, C = (torch.empty(s, device="meta", requires_grad=True) for s in shapes)
+    with _CountOps() as forward:
+        y, last = vmrnn._SelectiveScanFn.apply(u, delta, A, B, C)
+    with _CountOps() as backward:
+        torch.autograd.backward([y, last], [torch.ones_like(y), torch.ones_like(last)])
+    return forward.count, backward.count
+
+
+def test_gpu_sized_scan_dispatches_few_ops(monkeypatch):
+    """One scan call at Moving MNIST's top level, batch 8: (b, d, l, n, g) = (8, 1024, 1024, 16, 4).
+    Every aten op is a kernel launch on a GPU, so CPU-sized slabs would be launch-bound there."""
+    sizes, shape = vmrnn._slab_sizes, (8, 1024, 1024, 16, 4)
+    for device in ("cpu", "cuda"):
+        monkeypatch.setattr(vmrnn, "_slab_sizes", lambda _, *a: sizes(torch.device(device), *a))
+        counts = _count_scan_ops(*shape)
+        if device == "cpu":
+            cpu_counts = counts
+    assert sizes(torch.device("cuda"), 8, 1024 * 16, 1024) == (32, 512)    # two slabs
+    assert counts[0] <= 330 and counts[1] <= 720                            # measured: 287, 619
+    assert cpu_counts[0] > 5 * counts[0] and cpu_counts[1] > 5 * counts[1]  # 2,587 and 6,521
+
+
+def test_set_scan_compile_modes(monkeypatch):
+    with pytest.raises(ValueError, match="mode must be 'auto', 'on' or 'off', not 'yes'"):
+        vmrnn.set_scan_compile("yes")
+    x = {k: v.float() for k, v in scan_inputs(2, 8, 40, 4, 4).items()}
+    monkeypatch.setattr(vmrnn, "_scan_compile", "auto")                     # on CUDA only
+    selective_scan(**x, backend="torch")
+    assert vmrnn.last_scan_backend() == "torch"                             # CPU: eager under auto
+
+
+def test_compile_failure_falls_back_to_eager_and_warns_once(monkeypatch):
+    def no_compiler(fn, **kwargs):  # what torch.compile does without Triton / a C++ compiler
+        raise RuntimeError("Cannot find a working triton installation")
+    monkeypatch.setattr(torch, "compile", no_compiler)
+    monkeypatch.setattr(vmrnn, "_compiled", {})
+    monkeypatch.setattr(vmrnn, "_compile_error", None)
+    monkeypatch.setattr(vmrnn, "_scan_compile", "on")
+    x = {k: v.float().requires_grad_() for k, v in scan_inputs(2, 8, 40, 4, 4).items()}
+    with pytest.warns(RuntimeWarning, match="cannot compile the selective scan on cpu "
+                                            r"\(RuntimeError: Cannot find a working triton"):
+        y = selective_scan(**x, delta_softplus=True, backend="torch")
+    assert vmrnn.last_scan_backend() == "torch"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                                      # warned once only
+        y.sum().backward()
+        selective_scan(**x, delta_softplus=True, backend="torch")
+    monkeypatch.setattr(vmrnn, "_scan_compile", "off")
+    torch.testing.assert_close(y, selective_scan(**x, delta_softplus=True, backend="torch"))
+
+
+@pytest.fixture
+def compiled(monkeypatch, gpu_sizing):
+    """Run the scan's slab functions through torch.compile (Inductor's C++ backend on CPU), sized
+    as on a GPU (slab length independent of b) but with chunks of 8 and slabs of 16 steps, to keep
+    the graphs small. Skips with the reason where compiling cannot work."""
+    monkeypatch.setattr(vmrnn, "_compile_error", None)
+    monkeypatch.setattr(vmrnn, "_scan_compile", "on")
+    monkeypatch.setattr(vmrnn, "_GPU_CHUNK", 8)
+    gpu_sizing(16, 8 * 4)
+    yield
+    if vmrnn._compile_error:
+        pytest.skip(f"torch.compile cannot compile the scan here: {vmrnn._compile_error}")
+
+
+@pytest.mark.filterwarnings("ignore:torch.compile cannot compile")
+@pytest.mark.parametrize("init", ["random", "large"])
+def test_compiled_scan_matches_loop(init, compiled):
+    """The compiled path: float64 oracle (large steps too), every input's gradient and the last
+    state, across three slabs, the last one padded."""
+    check_against_loop(scan_inputs(2, 8, 40, 4, 4, init=init), list(NAMES))
+    assert vmrnn.last_scan_backend() == "torch-compiled" or vmrnn._compile_error
+
+
+@pytest.mark.filterwarnings("ignore:torch.compile cannot compile")
+def test_compiled_scan_does_not_recompile_for_a_new_batch_size(compiled):
+    stats = torch._dynamo.utils.counters["stats"]
+    check_against_loop(scan_inputs(2, 8, 40, 4, 4), list(NAMES))          # compiled (or cached)
+    graphs = stats["unique_graphs"]
+    for b in (3, 5):                                                        # a last partial batch
+        check_against_loop(scan_inputs(b, 8, 40, 4, 4), list(NAMES))
+    assert vmrnn.last_scan_backend() == "torch-compiled" or vmrnn._compile_error
+    assert stats["unique_graphs"] == graphs
+
+
+@pytest.mark.parametrize("sizing", ["cpu", "gpu"])
+def test_scan_output_and_gradients_are_contiguous(sizing, gpu_sizing):
+    """A transposed (non-contiguous) result is correct but makes every later op slower."""
+    if sizing == "gpu":
+        gpu_sizing(32, 8 * 4)
+    x = {k: v.float().requires_grad_() for k, v in scan_inputs(2, 8, 70, 4, 4).items()}
+    y, last = vmrnn._SelectiveScanFn.apply(x["u"], x["delta"], x["A"], x["B"], x["C"])
+    grads = torch.autograd.grad((y * y).sum() + last.sum(), [x[k] for k in "u delta A B C".split()])
+    assert y.is_contiguous() and all(g.is_contiguous() for g in grads)
+
 
 # ==================================================================================================
 # data.py: generators, file readers, downloads (against a local HTTP server on 127.0.0.1)
@@ -1377,6 +1737,515 @@ def test_moving_mnist_on_t10k_digits(tmp_path):
         assert image.size == (48 + 2 * 66 + 2, 2 + 9 * 66 + 3 * 8 - 8)
 
 
+def log_rows(out):
+    with open(out / "log.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def resume(out, *extra):
+    return train.main(["--resume", "--out", str(out), "--device", "cpu", *extra])
+
+
+@pytest.fixture
+def copied(straight, tmp_path):
+    """A private copy of the module's 4-step run (steps 1-3 = epoch 0, step 4 in epoch 1)."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(straight[0], run_dir)
+    return run_dir
+
+
+def no_data(monkeypatch):
+    """Errors that must come before any dataset is built: building one fails the test."""
+    def build_datasets(*args, **kwargs):
+        raise AssertionError("datasets were built before the error")
+    monkeypatch.setattr(train, "build_datasets", build_datasets)
+
+
+def one_line(message):
+    assert "Traceback" not in message and len(message.strip().splitlines()) == 1, message
+    return message
+
+
+# --------------------------------------------------------------------------------------------------
+# --resume applies the flags given, refuses those that cannot change, records what it used
+# --------------------------------------------------------------------------------------------------
+
+def test_resume_applies_given_flags_and_records_them(copied):
+    result = resume(copied, "--lr", "1e-3", "--grad-clip", "0.5", "--max-steps", "5")
+    assert result["step"] == 5
+    ckpt = torch.load(copied / "ckpt_last.pt", weights_only=True)
+    cfg = ckpt["config"]
+    assert cfg["lr"] == 1e-3 and cfg["grad_clip"] == 0.5 and cfg["max_steps"] == 5
+    assert cfg["num_workers"] == 0 and cfg["threads"] == 1           # not given: the run's own values, not defaults
+    expected = train.learning_rate(1, cfg)                            # epoch 1 of the new schedule
+    assert expected > 1e-4                                            # the old lr would give about 5e-4 * ...
+    assert [g["lr"] for g in ckpt["optimizer"]["param_groups"]] == [expected]
+    row = [r for r in log_rows(copied) if r["kind"] == "train"][-1]
+    assert int(row["step"]) == 5 and float(row["lr"]) == pytest.approx(expected, rel=1e-5)
+
+
+@pytest.mark.parametrize("flag, value, saved", [
+    ("--data", "mmnist", "shapes"), ("--embed-dim", "32", "16"), ("--depths", "2", "1"),
+    ("--batch-size", "3", "2"), ("--seed", "4", "3"), ("--input-frames", "3", "2"),
+    ("--cell-update", "paper", "code"), ("--model", "vmrnn-d", "vmrnn-b"),
+])
+def test_resume_refuses_flags_that_define_the_run(straight, flag, value, saved, capsys, monkeypatch):
+    no_data(monkeypatch)
+    message = one_line(error_message(["--resume", "--out", str(straight[0]), flag, value], capsys))
+    assert f"{flag} cannot change on --resume" in message and f"started with {saved}" in message
+    assert f"you gave {value}" in message and "another --out" in message
+
+
+def test_resume_with_the_original_command_is_fine(copied):
+    """Repeating every original flag (same values) with --resume is not a change."""
+    assert train.main(TINY + ["--out", str(copied), "--resume", "--max-steps", "5"])["step"] == 5
+
+
+def test_resume_data_change_names_the_dataset_not_the_digits_file(copied, tmp_path, capsys, monkeypatch):
+    ckpt = torch.load(copied / "ckpt_last.pt", weights_only=True)
+    ckpt["config"].update(data="mmnist", digits_file=str(tmp_path / "digits.gz"))   # as an mmnist run saves it
+    torch.save(ckpt, copied / "ckpt_last.pt")
+    no_data(monkeypatch)
+    message = one_line(error_message(["--resume", "--out", str(copied), "--data", "shapes"], capsys))
+    assert "--data cannot change on --resume" in message and "started with mmnist" in message
+    assert "--digits-file" not in message
+
+
+def test_nan_advice_works(tmp_path, capsys):
+    """A huge lr diverges; the printed command, with a lower --lr, continues from the last good checkpoint."""
+    out = tmp_path / "run"
+    message = one_line(error_message(TINY + ["--out", str(out), "--lr", "10", "--max-steps", "6"], capsys))
+    assert "loss is nan at step 5" in message and f"{out / 'ckpt_last.pt'} holds step 3" in message
+    assert "--grad-clip 1" in message and "--amp" not in message           # amp is already none
+    command = shlex.split(message.split("lower learning rate: ")[1])
+    assert command[:2] == ["python", "train.py"]
+    argv = command[2:]
+    argv[argv.index("--lr") + 1] = "1e-3"
+    result = train.main(argv)
+    assert result["step"] == 6 and 0 < result["metrics"]["mse"] < 256
+    rows = [r for r in log_rows(out) if r["kind"] == "train"]
+    assert [int(r["step"]) for r in rows] == [1, 2, 3, 4, 5, 6]
+    assert all(0 < float(r["loss"]) < 1 for r in rows) and float(rows[-1]["lr"]) < 1e-3
+
+
+def test_nan_before_any_checkpoint(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "run"
+    monkeypatch.setattr(train, "compute_loss", lambda pred, target, kind: pred.sum() * float("nan"))
+    message = one_line(error_message(TINY + ["--out", str(out), "--amp", "bf16"], capsys))
+    assert "loss is nan at step 1" in message and "No checkpoint was saved yet" in message
+    assert "--amp none" in message                                           # offered only when amp is on
+    assert not (out / "ckpt_last.pt").exists()
+    monkeypatch.undo()
+    assert train_run(out, "--max-steps", "1")["step"] == 1                   # the same --out starts afresh
+    assert [(r["kind"], r["step"]) for r in log_rows(out)] == [("train", "1"), ("eval", "1")]
+
+
+def test_weights_that_blow_up_are_not_saved(copied, capsys, monkeypatch):
+    """A finite loss, but the update leaves weights that predict inf: the previous checkpoint stays."""
+    before = (copied / "ckpt_last.pt").read_bytes()
+    real_step = train.make_train_step
+
+    def poisoned(model, optimizer, *args):
+        step = real_step(model, optimizer, *args)
+
+        def poisoned_step(frames):
+            loss = step(frames)
+            with torch.no_grad():
+                next(model.parameters()).fill_(float("inf"))
+            return loss
+        return poisoned_step
+    monkeypatch.setattr(train, "make_train_step", poisoned)
+    message = one_line(error_message(["--resume", "--out", str(copied), "--device", "cpu", "--max-steps", "5",
+                                      "--save-every", "1"], capsys))
+    assert "non-finite" in message and "holds step 4" in message
+    assert (copied / "ckpt_last.pt").read_bytes() == before
+
+
+# --------------------------------------------------------------------------------------------------
+# Work survives interruption
+# --------------------------------------------------------------------------------------------------
+
+def saved_steps(monkeypatch):
+    """Record (file name, step) of every checkpoint written."""
+    saved, real = [], train.save_checkpoint
+    monkeypatch.setattr(train, "save_checkpoint", lambda path, obj: (saved.append((path.name, obj["step"])),
+                                                                     real(path, obj)))
+    return saved
+
+
+def test_saves_every_n_steps(tmp_path, monkeypatch):
+    saved = saved_steps(monkeypatch)
+    train_run(tmp_path, "--max-steps", "5", "--save-every", "2", "--train-length", "20")   # 10 steps per epoch
+    assert [s for name, s in saved if name == "ckpt_last.pt"] == [2, 4, 5]
+
+
+def test_saves_every_few_minutes(tmp_path, monkeypatch):
+    saved = saved_steps(monkeypatch)
+    train_run(tmp_path, "--max-steps", "3", "--save-every", "0", "--save-minutes", "1e-9", "--train-length", "20")
+    assert [s for name, s in saved if name == "ckpt_last.pt"] == [1, 2, 3, 3]   # 3 again: the final evaluation
+
+
+@pytest.mark.parametrize("sig, workers", [(signal.SIGINT, 0), (signal.SIGTERM, 0), (signal.SIGINT, 1)],
+                         ids=["SIGINT", "SIGTERM", "SIGINT-1-worker"])
+def test_signal_saves_and_resume_continues(tmp_path, sig, workers):
+    """A real process: after its first step, SIGINT/SIGTERM to its process group (as Ctrl-C or a scheduler do);
+    it saves, prints one line with the command to resume, exits non-zero; that command continues."""
+    out = tmp_path / "run"
+    argv = TINY + ["--out", str(out), "--train-length", "400", "--num-workers", str(workers)]
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *argv], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+    try:
+        for line in proc.stdout:
+            if line.startswith("step 1/"):
+                break
+        os.killpg(proc.pid, sig)
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 128 + sig, stderr
+    last = one_line(stderr.strip().splitlines()[-1])
+    assert "Traceback" not in stderr
+    step = torch.load(out / "ckpt_last.pt", weights_only=True)["step"]
+    assert step >= 1 and f"stopped by {signal.Signals(sig).name} at step {step}: saved {out / 'ckpt_last.pt'}" in last
+    command = shlex.split(last.split("resume with: ")[1])
+    assert command[:4] == ["python", "train.py", "--resume", "--out"]
+    result = train.main(command[2:] + ["--max-steps", str(step + 1), "--num-workers", "0"])
+    assert result["step"] == step + 1
+    assert [int(r["step"]) for r in log_rows(out) if r["kind"] == "train"] == list(range(1, step + 2))
+
+
+def test_signal_during_evaluation_abandons_it(copied, capsys, monkeypatch):
+    real = train.frame_metric_sums
+
+    def interrupted(pred, target):
+        os.kill(os.getpid(), signal.SIGINT)
+        return real(pred, target)
+    monkeypatch.setattr(train, "frame_metric_sums", interrupted)
+    with pytest.raises(SystemExit) as e:
+        resume(copied, "--max-steps", "5")
+    assert e.value.code == 128 + signal.SIGINT
+    assert "stopped by SIGINT at step 5" in capsys.readouterr().err
+    ckpt = torch.load(copied / "ckpt_last.pt", weights_only=True)
+    assert ckpt["step"] == 5 and ckpt["metrics"]["step"] == 4                # the evaluation was not finished
+
+
+def test_second_signal_stops_at_once():
+    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    with train.StopSignal() as stop:
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.01)
+        assert stop.requested == "SIGTERM"
+        with pytest.raises(SystemExit, match="second SIGINT"):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.01)
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before   # handlers restored
+
+
+def test_default_run_folder_is_not_overwritten(straight, tmp_path, capsys, monkeypatch):
+    shutil.copytree(straight[0], tmp_path / "runs" / "shapes")             # --out defaults to runs/DATA
+    monkeypatch.chdir(tmp_path)
+    no_data(monkeypatch)
+    message = one_line(error_message(TINY, capsys))
+    assert "runs/shapes already holds a run: pass --resume to continue it, or choose a fresh --out" in message
+
+
+def test_log_only_folder_starts_a_clean_log(tmp_path):
+    (tmp_path / "log.csv").write_text("kind,step\ntrain,50\ntrain,100\n")  # a run stopped before its first save
+    train_run(tmp_path, "--max-steps", "1")
+    assert [(r["kind"], r["step"]) for r in log_rows(tmp_path)] == [("train", "1"), ("eval", "1")]
+
+
+@pytest.mark.parametrize("torn", ["a new row", "the last row"])
+def test_torn_log_line_is_dropped_on_resume(copied, torn):
+    text = (copied / "log.csv").read_text()                              # ... eval,4,1,...,mse_per_frame\n
+    text = text + "tra" if torn == "a new row" else text[:-4]            # a crash while writing a row
+    (copied / "log.csv").write_text(text)
+    resume(copied, "--max-steps", "5")
+    rows = log_rows(copied)
+    kept = [("train", 1), ("train", 2), ("train", 3), ("eval", 3), ("train", 4)]
+    kept += [("eval", 4)] if torn == "a new row" else []                  # a torn row is dropped
+    assert [(r["kind"], int(r["step"])) for r in rows] == kept + [("train", 5), ("eval", 5)]
+    assert all(None not in r.values() and None not in r for r in rows)
+
+
+def test_time_continues_and_eval_rows_carry_their_epoch(straight, copied):
+    elapsed = torch.load(copied / "ckpt_last.pt", weights_only=True)["elapsed_s"]
+    resume(copied, "--max-steps", "5")
+    rows = log_rows(copied)
+    assert elapsed > 0 and all(float(r["time_s"]) >= elapsed for r in rows if int(r["step"]) == 5)
+    evals = [(int(r["step"]), int(r["epoch"])) for r in log_rows(straight[0]) if r["kind"] == "eval"]
+    assert evals == [(3, 0), (4, 1)]                                         # epoch 0 ends at step 3
+
+
+def test_paths_are_stored_absolute_and_resume_from_another_folder(copied, tmp_path, monkeypatch):
+    cfg, _ = train.parse_args(["--data", "mmnist", "--digits-file", "digits.gz", "--data-dir", "d", "--device", "cpu"])
+    assert cfg["digits_file"] == os.path.abspath("digits.gz") and cfg["data_dir"] == os.path.abspath("d")
+    assert os.path.isabs(torch.load(copied / "ckpt_last.pt", weights_only=True)["config"]["data_dir"])
+    monkeypatch.chdir(copied.parent)
+    assert train.main(["--resume", "--out", copied.name, "--device", "cpu", "--max-steps", "5"])["step"] == 5
+
+
+# --------------------------------------------------------------------------------------------------
+# Every error is one line: checkpoint files, devices, ranges
+# --------------------------------------------------------------------------------------------------
+
+def bad_checkpoints(run_dir, tmp_path):
+    good = (run_dir / "ckpt_last.pt").read_bytes()
+    ckpt = torch.load(run_dir / "ckpt_last.pt", weights_only=True)
+    other = dict(ckpt, model=VMRNN_B(16, 2, 1, 32, depth=1).state_dict())   # another width in this run's file
+    files = {"empty": b"", "text": b"step 4\n", "random": os.urandom(4096), "truncated": good[:len(good) // 2]}
+    tmp_path.mkdir(exist_ok=True)
+    for name, payload in files.items():
+        (tmp_path / name).write_bytes(payload)
+    torch.save({"x": ValueError("not a tensor")}, tmp_path / "objects")
+    torch.save(ckpt["model"], tmp_path / "bare")
+    torch.save([1, 2], tmp_path / "list")
+    torch.save({"model": ckpt["model"], "config": ckpt["config"]}, tmp_path / "incomplete")
+    torch.save(other, tmp_path / "other_model")
+    return tmp_path
+
+
+@pytest.mark.parametrize("kind, expected", [
+    ("empty", "is empty (0 bytes)"), ("text", "not a file written by torch.save"),
+    ("random", "not a file written by torch.save"), ("truncated", "is truncated or corrupt"),
+    ("objects", "weights_only loading refuses"), ("bare", "is a bare state dict (weights only)"),
+    ("list", "holds a list, not a train.py checkpoint"), ("incomplete", "missing batch_in_epoch"),
+    ("other_model", "'embed.proj.weight' has"),
+])
+def test_bad_checkpoint_files_for_resume(straight, tmp_path, kind, expected, capsys):
+    files = bad_checkpoints(straight[0], tmp_path / "files")
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    shutil.copy(files / kind, run_dir / "ckpt_last.pt")
+    message = one_line(error_message(["--resume", "--out", str(run_dir), "--device", "cpu"], capsys))
+    assert message.startswith("error: --resume:") and expected in message
+    if kind == "other_model":
+        assert "(32, 1, 2, 2)" in message and "(16, 1, 2, 2)" in message         # both shapes
+
+
+@pytest.mark.parametrize("kind, expected", [
+    ("empty", "is empty"), ("random", "not a file written by torch.save"), ("truncated", "truncated or corrupt"),
+    ("list", "neither a train.py checkpoint nor a state dict"),
+])
+def test_bad_checkpoint_files_for_eval_only(straight, tmp_path, kind, expected, capsys):
+    files = bad_checkpoints(straight[0], tmp_path)
+    message = one_line(error_message(TINY + ["--eval-only", "--ckpt", str(files / kind)], capsys))
+    assert expected in message and "--ckpt" in message
+
+
+def test_eval_only_mismatch_names_the_key_and_both_shapes(straight, capsys):
+    message = one_line(error_message(["--eval-only", "--ckpt", str(straight[0] / "ckpt_last.pt"), "--device",
+                                      "cpu", "--embed-dim", "32"], capsys))
+    assert "does not fit" in message and "'embed.proj.weight'" in message
+    assert "(16, 1, 2, 2)" in message and "(32, 1, 2, 2)" in message
+
+
+@pytest.mark.parametrize("device, expected", [
+    ("gpu", "--device gpu: not a device name"),
+    ("cuda", "--device cuda: CUDA is not available"),
+    ("cuda:7", "--device cuda:7: "),
+    ("mps", "--device mps: Apple's MPS is not available"),
+    ("meta", "unsupported device type 'meta'"),
+])
+def test_bad_devices_before_any_data(device, expected, tmp_path, capsys, monkeypatch):
+    if device.startswith("cuda") and torch.cuda.is_available() and device == "cuda":
+        pytest.skip("CUDA is available here")
+    if device == "mps" and torch.backends.mps.is_available():
+        pytest.skip("MPS is available here")
+    no_data(monkeypatch)
+    argv = [a if a != "cpu" else device for a in TINY] + ["--out", str(tmp_path)]
+    message = one_line(error_message(argv, capsys))
+    assert expected in message and ("use --device cpu" in message or "no such GPU" in message)
+
+
+@pytest.mark.parametrize("extra, expected", [
+    (["--drop-path", "1.5"], "--drop-path is a probability in [0, 1), got 1.5"),
+    (["--drop-path", "-0.5"], "--drop-path is a probability in [0, 1), got -0.5"),
+    (["--lr", "-1"], "--lr must be a finite number > 0, got -1.0"),
+    (["--lr", "nan"], "--lr must be a finite number > 0, got nan"),
+    (["--grad-clip", "-1"], "--grad-clip must be a finite number >= 0"),
+    (["--save-every", "-1"], "--save-every must be >= 0"),
+    (["--save-minutes", "inf"], "--save-minutes must be a finite number >= 0"),
+    (["--log-seconds", "-2"], "--log-seconds must be a finite number >= 0"),
+    (["--threads", "0"], "--threads must be >= 1"),
+    (["--num-workers", "-1"], "--num-workers must be >= 0"),
+    (["--patch-size", "0"], "--patch-size must be >= 1"),
+    (["--image-size", "-16"], "--image-size must be >= 1"),
+    (["--warmup-epochs", "-1"], "--warmup-epochs must be >= 0"),
+    (["--cuda-graphs"], "--cuda-graphs needs a CUDA device"),
+    (["--lr", "x"], "argument --lr: invalid float value: 'x'"),
+])
+def test_out_of_range_options_are_refused_up_front(extra, expected, tmp_path, capsys, monkeypatch):
+    no_data(monkeypatch)
+    message = one_line(error_message(TINY + ["--out", str(tmp_path), *extra], capsys))
+    assert expected in message
+
+
+# --------------------------------------------------------------------------------------------------
+# Newcomers: -h, threads
+# --------------------------------------------------------------------------------------------------
+
+def test_help_shows_defaults(capsys):
+    with pytest.raises(SystemExit) as e:
+        train.main(["-h"])
+    assert e.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())                        # argparse wraps lines
+    for expected in ("--save-every N save ckpt_last.pt every N steps (0 = off) (default: 500)",
+                     "--lr LR peak learning rate of Adam (default: per dataset)",
+                     "--drop-path P stochastic depth rate, in [0, 1) (default: 0.1)",
+                     "--log-seconds S", "(default: 30.0)", "--threads N", "--scan-compile {auto,on,off}"):
+        assert expected in text
+
+
+def test_default_threads(monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert train.default_threads() == 3
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    for load, threads in [(0.2, 4), (1.4, 3), (2.6, 1), (9.0, 1)]:
+        monkeypatch.setattr(os, "getloadavg", lambda load=load: (load, load, load))
+        assert train.default_threads() == threads
+
+
+def test_threads_flag_sets_torch_threads(straight, monkeypatch):
+    calls = []
+    monkeypatch.setattr(torch, "set_num_threads", calls.append)
+    train.main(["--eval-only", "--ckpt", str(straight[0] / "ckpt_last.pt"), "--device", "cpu", "--threads", "2"])
+    assert calls[0] == 2                                                     # the last call restores the old count
+    assert torch.load(straight[0] / "ckpt_last.pt", weights_only=True)["config"]["threads"] == 1
+
+
+# --------------------------------------------------------------------------------------------------
+# Progress lines, --checkpoint-steps, --scan-compile, the training step
+# --------------------------------------------------------------------------------------------------
+
+def test_progress_lines_by_time_and_first_step(tmp_path, capsys):
+    train_run(tmp_path / "a", "--max-steps", "3", "--log-every", "100", "--log-seconds", "0")
+    lines = [l for l in capsys.readouterr().out.splitlines() if l.startswith("step ")]
+    assert len(lines) == 1 and lines[0].startswith("step 1/3  epoch 0  loss ")     # the first step, always
+    for field in (" lr ", " s/step ", " seq/s ", " eta "):
+        assert field in lines[0]
+    assert " peak " not in lines[0]                                          # GPU memory on CUDA only
+    assert train.format_progress(5, 10, 0, 0.5, 1e-3, 2.0, 4.0, 7200.0, 21.37) == \
+        "step 5/10  epoch 0  loss 0.500000  lr 1.00e-03  2.000 s/step  4.0 seq/s  peak 21.37 GB  eta 2.0 h"
+    train_run(tmp_path / "b", "--max-steps", "3", "--log-every", "100", "--log-seconds", "1e-9")
+    out = capsys.readouterr().out
+    assert [l.split()[1] for l in out.splitlines() if l.startswith("step ")] == ["1/3", "2/3", "3/3"]
+    assert "eval: 2/3 sequences" in out and "eval: 3/3 sequences" in out    # a long evaluation reports too
+    assert [r["step"] for r in log_rows(tmp_path / "b") if r["kind"] == "train"] == ["1", "2", "3"]
+
+
+def test_checkpoint_steps_gives_the_same_losses(straight, tmp_path, monkeypatch):
+    calls = []
+    real = vmrnn.checkpoint
+    monkeypatch.setattr(vmrnn, "checkpoint", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    result = train_run(tmp_path, "--max-steps", "2", "--checkpoint-steps")
+    assert result["model"].checkpoint_steps and calls                         # the rollout really checkpointed
+    losses = [float(r["loss"]) for r in log_rows(tmp_path) if r["kind"] == "train"]
+    assert losses == [float(r["loss"]) for r in log_rows(straight[0]) if r["kind"] == "train"][:2]
+
+
+def test_scan_compile_flag_reaches_vmrnn(straight, monkeypatch):
+    modes = []
+    monkeypatch.setattr(vmrnn, "set_scan_compile", modes.append)
+    ckpt = str(straight[0] / "ckpt_last.pt")
+    for flag in (["--scan-compile", "off"], ["--compile"], []):
+        train.main(["--eval-only", "--ckpt", ckpt, "--device", "cpu", "--val-samples", "1", *flag])
+    assert modes == ["off", "on", "off"]                            # the default: off
+
+
+def test_make_train_step_equals_the_plain_loop():
+    """The eager path of make_train_step is the loop train.py had: identical losses and weights."""
+    cfg = {"loss": "mse+l1", "grad_clip": 1e-3, "cuda_graphs": False}          # small enough to clip
+    frames = torch.rand(3, 2, 4, 1, 16, 16)                                # 3 batches of (2, 2 + 2, 1, 16, 16)
+
+    def fresh():
+        torch.manual_seed(0)
+        model = VMRNN_B(16, 2, 1, 16, depth=2, drop_path_rate=0.5)           # drop path draws random numbers
+        return model, torch.optim.Adam(model.parameters(), lr=1e-2), torch.amp.GradScaler("cpu", enabled=False)
+
+    model, optimizer, scaler = fresh()
+    step = train.make_train_step(model, optimizer, scaler, train.nullcontext(), cfg, 2, 2)
+    torch.manual_seed(1)
+    ours = [step(f).item() for f in frames]
+    reference, ref_optimizer, _ = fresh()
+    torch.manual_seed(1)
+    theirs = []
+    for f in frames:                                                        # train.py's loop before make_train_step
+        pred = reference(f[:, :2], 2)
+        loss = train.compute_loss(pred.float(), f[:, 1:], cfg["loss"])
+        ref_optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(reference.parameters(), cfg["grad_clip"])
+        ref_optimizer.step()
+        theirs.append(loss.item())
+    assert ours == theirs and len(set(ours)) == 3
+    assert_same_weights(model.state_dict(), reference.state_dict())
+
+
+def test_cuda_graph_capture_failure_falls_back_to_eager(monkeypatch, capsys):
+    """The graph path's bookkeeping on CPU: warm-up passes do not move the weights, a capture that raises is
+    reported once, and training goes on eagerly with the same losses. (The capture itself needs a GPU.)"""
+    class Stream:
+        def wait_stream(self, other):
+            pass
+
+    def graph(*args, **kwargs):
+        raise RuntimeError("operation not permitted when stream is capturing")
+    for name, value in [("Stream", Stream), ("current_stream", Stream), ("stream", lambda s: train.nullcontext()),
+                        ("CUDAGraph", object), ("graph", graph)]:
+        monkeypatch.setattr(torch.cuda, name, value)
+    frames = torch.rand(3, 2, 4, 1, 16, 16)
+    losses = {}
+    for graphs in (False, True):
+        torch.manual_seed(0)
+        model = VMRNN_B(16, 2, 1, 16, depth=2, drop_path_rate=0.0)          # no random draws
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+        cfg = {"loss": "mse", "grad_clip": 0.0, "cuda_graphs": graphs}
+        step = train.make_train_step(model, optimizer, torch.amp.GradScaler("cpu", enabled=False),
+                                     train.nullcontext(), cfg, 2, 2)
+        losses[graphs] = [step(f).item() for f in frames]
+        assert step.path == ("eager (capture failed)" if graphs else "eager")
+    assert losses[True] == losses[False]
+    assert capsys.readouterr().err.count("warning: CUDA graph capture failed (RuntimeError: operation not") == 1
+
+
+def test_cuda_graph_bookkeeping_with_a_stand_in_graph(monkeypatch):
+    """torch.cuda's graph API replaced by a stand-in (capture runs the body once, replay counts): the first call
+    warms up and captures, a same-shape batch replays, another shape runs eagerly into the .grad tensors the
+    graph owns, and the first loss is eager's (warm-up moves no weight)."""
+    replays = []
+
+    class Graph:
+        def replay(self):
+            replays.append(1)
+
+    class Stream:
+        def wait_stream(self, other):
+            pass
+    for name, value in [("Stream", Stream), ("current_stream", Stream), ("stream", lambda s: train.nullcontext()),
+                        ("CUDAGraph", Graph), ("graph", lambda g, **kwargs: train.nullcontext())]:
+        monkeypatch.setattr(torch.cuda, name, value)
+    frames = torch.rand(2, 2, 4, 1, 16, 16)
+    first = {}
+    for graphs in (False, True):
+        torch.manual_seed(0)
+        model = VMRNN_B(16, 2, 1, 16, depth=1, drop_path_rate=0.0)
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+        step = train.make_train_step(model, optimizer, torch.amp.GradScaler("cpu", enabled=False),
+                                     train.nullcontext(), {"loss": "mse", "grad_clip": 1.0, "cuda_graphs": graphs},
+                                     2, 2)
+        first[graphs] = step(frames[0]).item()
+    assert step.path == "cuda graph" and replays == [1] and first[True] == first[False]
+    grads = [p.grad for p in model.parameters()]
+    step(frames[1, :1])                                                     # a last partial batch: eager
+    assert replays == [1] and all(p.grad is g for p, g in zip(model.parameters(), grads))
+    step(frames[1])
+    assert replays == [1, 1]
+
+
 # ==================================================================================================
 # README, CI and bench.py: the README's commands and code cannot rot
 # ==================================================================================================
@@ -1414,3 +2283,94 @@ def test_bench_quick_mode_runs():
     for model in ("taxibj", "kth", "mmnist"):                                     # train: CPU eager
         assert f"| {model} | 1, 2->1 | none | eager scan | torch, eager |" in result.stdout
     assert "FAILED" not in result.stdout and "skipped" not in result.stdout
+
+
+def test_bench_scan_paths_table_runs_on_cpu(capsys, monkeypatch):
+    """The CUDA scan table's code (eager, kernel side by side, what ran) on CPU at the quick shape."""
+    cases = bench.Cases()
+    bench.bench_scan_paths("cpu", True, cases, "off")
+    out = capsys.readouterr().out
+    assert "| quick | (2, 32, 100, 4, 4) | torch | torch |" in out
+    assert "| quick | (2, 32, 100, 4, 4) | mamba | CUDA only |" in out
+    assert "torch-compiled" not in out and not cases.failed
+    # Where the kernel runs, its row is measured and the eager scan is given as a multiple of it
+    # (stood in for here by the PyTorch scan under the kernel's name).
+    monkeypatch.setattr(bench, "kernel_status", lambda device: None)
+    monkeypatch.setitem(bench.SCAN_METHODS, "mamba", ("torch", "off"))
+    bench.bench_scan_paths("cpu", True, cases, "off")
+    out = capsys.readouterr().out
+    assert "| quick | (2, 32, 100, 4, 4) | mamba | torch |" in out
+    assert "quick: torch / kernel = " in out and "x forward + backward" in out and not cases.failed
+
+
+def test_bench_train_step_path_reports_losses_and_a_failed_graph_capture(monkeypatch):
+    """measure_train runs train.make_train_step; a CUDA-graph path whose capture fails (on CPU it
+    always does) is reported as eager in the table, and its losses equal the eager path's."""
+    monkeypatch.setitem(bench.TRAIN_PATHS, "eager scan + graphs", ("torch", "off", True))
+    timing = dict(min=2, max=2, cap_s=math.inf)
+    args = ("taxibj", "cpu", True)
+    eager = bench.measure_train(*args, "eager scan", 1, 2, 1, False, timing)
+    graphed = bench.measure_train(*args, "eager scan + graphs", 1, 2, 1, False, timing)
+    assert eager["ran"] == "torch, eager" and len(eager["losses"]) == 3
+    assert eager["losses"][2] < eager["losses"][0]                   # the optimiser steps
+    assert graphed["ran"] == "torch, eager (capture failed)"
+    assert graphed["losses"] == eager["losses"]
+    assert eager["peak"] > 50 and eager["warmup"] > 0 and eager["step"] > 0
+
+
+def test_bench_compare_losses_tolerances():
+    def r(*losses):
+        return dict(losses=list(losses))
+    results = {"eager scan": (r(1.0, 0.9, 0.8), False),
+               "compiled scan": (r(1.0, 0.9, 0.80004), False),          # 5e-5 <= 1e-4
+               "kernel": (r(1.0, 0.9, 0.8008), False),                  # 1e-3 > 1e-4
+               "kernel + graphs": (r(1.0, 0.909, 0.8), True),           # 1e-2 <= 2e-2 (autocast)
+               "compiled scan + graphs": ("OOM", False)}
+    assert bench.compare_losses(results) == ["compiled scan 5.0e-05 match", "kernel 1.0e-03 DIFFER",
+                                             "kernel + graphs 1.0e-02 match"]
+    assert bench.compare_losses({"kernel": (r(1.0), False)}) == []    # no eager reference
+
+
+def test_bench_projection_of_the_paper_protocols(capsys):
+    bench.print_projection({"mmnist": {"kernel": 0.25}, "taxibj": {"compiled scan": 0.1}})
+    out = capsys.readouterr().out
+    assert "| mmnist: 1,250 steps x 2000 epochs = 2,500,000 steps | kernel | 0.250 | 7.2 days |" in out
+    # 10,000 / 16 steps x 200 epochs x 0.1 s = 12,500 s
+    assert "| taxibj: N/16 steps x 200 epochs | compiled scan | 0.100 | 3.5 h x N / 10,000 |" in out
+
+
+def test_bench_cases_skip_past_the_budget_and_survive_failures(capsys):
+    assert bench.Cases(budget_s=-1).run("late", lambda: 1) == "skipped (--budget-s)"
+    cases = bench.Cases()
+
+    def fails():
+        raise ValueError("bad shape\nsecond line")
+
+    def out_of_memory():
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB")
+
+    assert cases.run("ok", lambda: 42) == 42
+    assert cases.run("broken", fails) == "FAILED (ValueError: bad shape)"
+    assert cases.run("big", out_of_memory) == "OOM"
+    assert cases.failed == ["broken"] and cases.skipped == []
+
+
+def test_bench_peak_memory_in_a_fresh_process_and_in_this_one():
+    args = ("taxibj", "cpu", True, "eager scan", 1, 2, 1)
+    fresh = bench.peak_mb(bench.train_case, args, "cpu", fresh=True)
+    here = bench.peak_mb(bench.train_case, args, "cpu", fresh=False)
+    assert 100 < fresh < 4000 and 100 < here < 4000                  # torch alone is ~300 MB
+
+
+def test_bench_main_sections_alias_and_exit_status(capsys, monkeypatch):
+    assert bench.main(["--quick", "--only", "models", "--models", "taxibj"]) == 0
+    out = capsys.readouterr().out
+    assert "## Training step" in out and "## Inference" in out and "Selective scan" not in out
+    assert "| taxibj | 1, 2->1 | none | eager scan | torch, eager |" in out and "| kth |" not in out
+
+    def broken(*args):
+        raise RuntimeError("inference broke")
+    monkeypatch.setattr(bench, "measure_inference", broken)
+    assert bench.main(["--quick", "--only", "train", "--models", "taxibj"]) == 1
+    out = capsys.readouterr().out
+    assert "FAILED (RuntimeError: inference broke)" in out and "FAILED: inference taxibj" in out

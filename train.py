@@ -69,9 +69,11 @@ CPU threads: --threads, default $OMP_NUM_THREADS if set, else the cores this pro
 minus the busy ones (the 1-minute load average), at least 1 (default_threads()); saved with the run, so a resumed
 run computes with the same count.
 
-Speed options (issue 10). --scan-compile {auto,on,off}: torch.compile the selective scan only
-(vmrnn.set_scan_compile; auto = on CUDA only); --compile is an alias of --scan-compile on (whole-model
-torch.compile was removed: issue 10 saw no step within 240 s on a GPU). --checkpoint-steps: activation
+Speed options. On a GPU the selective scan runs eagerly with long chunks and few slabs (vmrnn._slab_sizes).
+--scan-compile {auto,on,off}: torch.compile the selective scan only (vmrnn.set_scan_compile; auto = on CUDA only);
+default off, because its compile time has not been measured on a GPU yet (on a 2-core CPU it took 30-130 s per
+scan shape). --compile is an alias of --scan-compile on (whole-model torch.compile was removed: it gave no step
+within 240 s on a GPU). --checkpoint-steps: activation
 checkpointing per frame step (model.checkpoint_steps), trading compute for memory. --cuda-graphs (opt-in, CUDA,
 one process, amp none or bf16): forward + backward captured in a CUDA graph, see make_train_step; UNVERIFIED on a
 GPU so far. Progress: a line after the first step, then every --log-every steps or --log-seconds seconds,
@@ -205,11 +207,12 @@ def build_parser():
                    "the cores not already busy by the load average, at least 1)")
     g.add_argument("--num-workers", type=int, default=4, metavar="N",
                    help="data-loading processes (0 = load in this one)")
-    g.add_argument("--scan-compile", choices=["auto", "on", "off"], default="auto",
-                   help="torch.compile the selective scan only (auto: on CUDA)")
+    g.add_argument("--scan-compile", choices=["auto", "on", "off"], default="off",
+                   help="torch.compile the selective scan only (auto: on CUDA; off by default until its compile "
+                        "time is measured on a GPU)")
     g.add_argument("--compile", dest="scan_compile", action="store_const", const="on",
-                   help="alias of --scan-compile on (whole-model torch.compile was removed: issue 10 saw no step "
-                        "within 240 s on a GPU)")
+                   help="alias of --scan-compile on (whole-model torch.compile was removed: it gave no step within "
+                        "240 s on a GPU)")
     g.add_argument("--checkpoint-steps", action=argparse.BooleanOptionalAction, default=False,
                    help="activation checkpointing per frame step: less memory, about one more forward pass")
     g.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=False,
