@@ -21,9 +21,8 @@ Sections:
          time) and the mamba-ssm kernel side by side, milliseconds, peak memory above the inputs.
   train  The three Table 1 models: training step per path (eager scan, eager scan + CUDA graphs, kernel,
          kernel + CUDA graphs, then the opt-in compiled scan with and without graphs; whatever runs here), with
-         s/step, peak memory, warm-up time and
-         the first three losses; activation checkpointing for KTH; inference throughput; on CUDA the projected
-         wall time of each paper protocol. CUDA: the paper's batch sizes and rollouts. CPU: batch 1, and KTH's
+         s/step, peak memory, warm-up time and the first three losses; activation checkpointing for KTH;
+         inference throughput; on CUDA the projected wall time of each paper protocol. CUDA: the paper's batch sizes and rollouts. CPU: batch 1, and KTH's
          training step 10 -> 2 (its 10 -> 20 step at batch 1 outgrew a 24 GB machine). (It replaces the old
          "models" section; --only models still selects it.)
   data   Moving MNIST generation speed, training sequences/s on one CPU core.
