@@ -151,11 +151,11 @@ def _chunked_linear_scan(a, x, h0, chunk, reverse=False):
             torch.addcmul(e[prev], decay[prev], start[prev], out=start[c])  # eq (2a), per chunk
     # (3) rescan every chunk from its start state, all at once, in place. Note: compiled, new
     # tensors stacked into x once instead: Inductor fuses those, not step-by-step writes into x.
-    h, hs = start, {}
+    h, hs = start, [None] * chunk
     for t in steps:
         h = hs[t] = torch.addcmul(xt[t], at[t], h) if _compiling() else xt[t].addcmul_(at[t], h)
     if _compiling():
-        x.copy_(torch.stack([hs[t] for t in range(chunk)], 1))
+        x.copy_(torch.stack(hs, 1))
     return h[chunks[-1]].clone()
 
 
@@ -200,14 +200,10 @@ def _adjoint_slab(dt, dtu, A, Bt, Ct, gyt, h0, carry, T, work=(None, None, None)
 
 
 class _SelectiveScanFn(torch.autograd.Function):
-    """(y, h_l) of y_t = sum_n C_t h_t, h_t = exp(delta_t A) h_{t-1} + delta_t B_t u_t, h_0 = 0.
-
-    u, delta: (b, d, l), delta already through softplus; A: (d, n); B, C: (b, g, n, l).
-    Time is padded with delta = 0 (a = 1, x = 0) to whole slabs of S steps, each cut into chunks
-    of T steps (`_slab_sizes`); a slab's (S, b, g, d/g, n) temporaries are the only state-sized
-    memory. Only the inputs and the state at each slab start are saved; backward recomputes the
-    states slab by slab, so training memory is O(b d l) plus one slab, never the (b, d, l, n) states.
-    """
+    """(y, h_l) of eq (4), (2a), (2b) from h_0 = 0. u, delta (b, d, l), delta after softplus; A
+    (d, n); B, C (b, g, n, l). Time is padded with delta = 0 (a = 1, x = 0) to whole slabs of S
+    steps, each cut into chunks of T steps (`_slab_sizes`); a slab's (S, b, g, d/g, n) temporaries
+    are the only state-sized memory. Saved: the inputs and the state at each slab start."""
 
     @staticmethod
     def layouts(u, delta, B, C, L):
@@ -228,8 +224,7 @@ class _SelectiveScanFn(torch.autograd.Function):
         work = _workspace(u, [S, S], b, g, d // g, n)                       # (S, b, g, d/g, n) x 2
         for sl in (slice(s0, s0 + S) for s0 in range(0, L, S)):
             y, last = _run_slab(_scan_slab, work, dt[sl], dtu[sl], A, Bt[sl], Ct[sl], states[-1], T)
-            ys.append(y)
-            states.append(last)
+            ys, states = ys + [y], states + [last]
         ctx.save_for_backward(u, delta, A, B, C, torch.stack(states[:-1]))
         ctx.sizes = T, S, L
         y = torch.cat(ys)[:l].flatten(1).t().contiguous().view(b, d, l)     # (b, d, l)
@@ -255,11 +250,10 @@ class _SelectiveScanFn(torch.autograd.Function):
             carry, *g_slab = _run_slab(_adjoint_slab, work, dt[s0:s0 + S + 1], dtu[sl], A,
                                        Bt[sl], Ct[sl], gyt[sl], states[k], carry, T)
             grads.insert(0, g_slab)
-        g_dtu, g_dtA, gB, gC = (torch.cat(v)[:l].flatten(1).t().contiguous() for v in
-                                list(zip(*grads))[:4])                      # (b ..., l) each
-        g_dtu, g_dtA = g_dtu.view(b, d, l), g_dtA.view(b, d, l)            # (b, d, l)
+        g_dtu, g_dtA, gB, gC = (torch.cat(v)[:l].flatten(1).t().contiguous().view(shape) for
+                                v, shape in zip(zip(*grads), [u.shape] * 2 + [B.shape] * 2))
         gA = sum(g_slab[4] for g_slab in grads).view(d, n)                  # (d, n)
-        return g_dtu * delta, g_dtu * u + g_dtA, gA, gB.view(b, g, n, l), gC.view(b, g, n, l)
+        return g_dtu * delta, g_dtu * u + g_dtA, gA, gB, gC     # (b, d, l) x 2, (b, g, n, l) x 2
 
 
 def selective_scan_torch(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
@@ -267,10 +261,10 @@ def selective_scan_torch(u, delta, A, B, C, D=None, z=None, delta_bias=None, del
     """The selective scan in pure PyTorch, parallel over chunks of time: the default backend.
 
     Same signature, shapes and result as `selective_scan_ref` (up to float32 rounding), with one
-    op per position within a chunk instead of per time step (`_chunked_linear_scan`), and a
-    backward that recomputes the states instead of storing them. Runs on any device, eager or
-    compiled (`set_scan_compile`). Under autocast it computes and returns float32; gradients reach
-    the inputs in their own dtype. Unlike the kernel's, the returned last state is differentiable.
+    op per position within a chunk instead of per time step (`_chunked_linear_scan`). Backward
+    recomputes the states slab by slab, so training memory is O(b d l) plus one slab, never the
+    (b, d, l, n) states. Any device, eager or compiled (`set_scan_compile`). Under autocast it
+    returns float32; gradients reach the inputs in their own dtype (and from the last state).
     """
     with torch.autocast(u.device.type, enabled=False):
         u, delta, A, B, C = _prepare_scan(u, delta, A, B, C, delta_bias, delta_softplus)
@@ -279,13 +273,12 @@ def selective_scan_torch(u, delta, A, B, C, D=None, z=None, delta_bias=None, del
     return (y, last_state) if return_last_state else y
 
 
-# Backend choice. Some mamba-ssm builds import fine but fail when called (CUDA extension not
-# compiled, or not for this GPU), and torch.compile needs Triton (GPU) or a C++ compiler (CPU):
-# each is tried once, on the first call that could use it; a failure warns once, then falls back.
+# Backend choice: the mamba-ssm kernel and torch.compile are each tried once, on the first call
+# that could use them; a failure warns once, then falls back to the eager PyTorch scan.
 _KERNEL_DEVICE_TYPE = "cuda"    # the only device type the mamba-ssm kernel runs on
 _mamba_works = None             # None until probed, then True or False
 _last_backend = None            # what the last selective_scan ran (see last_scan_backend)
-_scan_compile = "auto"          # see set_scan_compile
+_scan_compile = "off"           # see set_scan_compile
 _compiled, _compile_error = {}, None  # slab function -> its torch.compile'd form; why it failed
 
 
@@ -296,9 +289,10 @@ def last_scan_backend():
 
 
 def set_scan_compile(mode):
-    """Whether the PyTorch scan runs its slab functions through torch.compile: "auto" (default)
-    for CUDA tensors, "on" on any device (a CPU needs a C++ compiler), "off" never. Where it
-    cannot compile (no Triton, no C++ compiler, MPS, an old torch) the scan runs eager."""
+    """Whether the PyTorch scan runs its slab functions through torch.compile: "off" (default)
+    never, "auto" for CUDA tensors, "on" on any device (a CPU needs a C++ compiler). Off by
+    default: compiling takes up to minutes per scan shape on a CPU, and is not yet measured on a
+    GPU. Where it cannot compile (no Triton or C++ compiler, MPS, an old torch) it runs eager."""
     global _scan_compile
     if mode not in ("auto", "on", "off"):
         raise ValueError(f"set_scan_compile: mode must be 'auto', 'on' or 'off', not {mode!r}")
@@ -308,41 +302,36 @@ def set_scan_compile(mode):
 def _workspace(u, steps, *shape):
     """Buffers that the eager scan reuses from slab to slab, or None where set_scan_compile() asks
     to compile for u's device (a compiled slab function allocates its own)."""
-    if not _compile_error and (_scan_compile == "on" or (_scan_compile == "auto" and
-                                                         u.device.type == "cuda")):
-        return None
-    return [u.new_empty(S, *shape) for S in steps]
+    mode = "on" if _scan_compile == "auto" and u.device.type == "cuda" else _scan_compile
+    return None if mode == "on" and not _compile_error else [u.new_empty(S, *shape) for S in steps]
 
 
 def _run_slab(fn, work, *args):
     """fn(*args, work) eagerly, or fn(*args) through torch.compile if `work` is None."""
     global _last_backend, _compile_error
-    if work is not None or _compile_error:
-        return fn(*args) if work is None else fn(*args, work)
-    try:  # one graph per (S, T, shapes but b): copies at offset 0, b dynamic (dim 1, states 0)
-        if fn not in _compiled:
-            _compiled[fn] = torch.compile(fn, dynamic=False, fullgraph=True)
-        args = [t.clone() for t in args[:-1]] + [args[-1]]
-        for t in args[:-1]:
-            torch._dynamo.maybe_mark_dynamic(t, 1 if t.dim() == 5 else 0)
-        with torch._dynamo.config.patch(recompile_limit=64):  # a graph per scan shape, not 8
-            out = _compiled[fn](*args)
-    except Exception as error:  # torch, Triton or the C++ compiler: any failure means eager
-        _compile_error = f"{type(error).__name__}: {(str(error) or '?').splitlines()[0]}"
-        warnings.warn(f"torch.compile cannot compile the selective scan on {args[0].device} "
-                      f"({_compile_error}); using the eager scan", RuntimeWarning, stacklevel=2)
-        return fn(*args)
-    _last_backend = "torch-compiled"
-    return out
+    if work is None and not _compile_error:
+        try:  # a graph per (S, T, shapes but b): copies at offset 0, b dynamic (dim 1, states 0)
+            if fn not in _compiled:
+                _compiled[fn] = torch.compile(fn, dynamic=False, fullgraph=True)
+            args = [t.clone() for t in args[:-1]] + [args[-1]]
+            for t in args[:-1]:
+                torch._dynamo.maybe_mark_dynamic(t, 1 if t.dim() == 5 else 0)
+            with torch._dynamo.config.patch(recompile_limit=64):  # a graph per scan shape, not 8
+                _last_backend = "torch-compiled"
+                return _compiled[fn](*args)
+        except Exception as error:  # torch, Triton or the C++ compiler: any failure means eager
+            _compile_error = f"{type(error).__name__}: {(str(error) or '?').splitlines()[0]}"
+            warnings.warn(f"torch.compile cannot compile the selective scan on {args[0].device} "
+                          f"({_compile_error}); using the eager scan", RuntimeWarning, stacklevel=2)
+    return fn(*args, work or (None,) * 3)
 
 
 def _mamba_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
                 return_last_state=False):
     """mamba-ssm's `selective_scan_fn` on float32 copies, so it returns float32 like the others."""
-    f32 = lambda t: None if t is None else t.float()
+    f32 = [t if t is None else t.float() for t in (u, delta, A, B, C, D, z, delta_bias)]
     with torch.autocast(u.device.type, enabled=False):
-        return _mamba_scan_fn(*map(f32, (u, delta, A, B, C, D, z, delta_bias)), delta_softplus,
-                              return_last_state)
+        return _mamba_scan_fn(*f32, delta_softplus, return_last_state)
 
 
 def _mamba_kernel_works(device):
@@ -456,10 +445,9 @@ class SS2D(nn.Module):
     def __init__(self, d_model, d_state=16, d_conv=3, expand=2, dropout=0.0, scan_backend="auto"):
         super().__init__()
         k = 4
-        self.d_state = d_state
+        self.d_state, self.scan_backend = d_state, scan_backend
         self.d_inner = d_inner = expand * d_model
         self.dt_rank = dt_rank = math.ceil(d_model / 16)
-        self.scan_backend = scan_backend
 
         self.in_proj = nn.Linear(d_model, 2 * d_inner, bias=False)
         self.conv2d = nn.Conv2d(d_inner, d_inner, d_conv, padding=(d_conv - 1) // 2, groups=d_inner)
@@ -517,8 +505,7 @@ def drop_path(x, p, training):
     """Stochastic depth: zero the whole residual branch of a sample with probability p."""
     if p == 0.0 or not training:
         return x
-    keep = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(1 - p)
-    return x * keep / (1 - p)
+    return x * x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(1 - p) / (1 - p)
 
 
 class VSSBlock(nn.Module):
@@ -534,8 +521,7 @@ class VSSBlock(nn.Module):
     def __init__(self, dim, grid, takes_hidden, drop_path_rate=0.0, d_state=16, dropout=0.0,
                  scan_backend="auto"):
         super().__init__()
-        self.grid = grid
-        self.drop_path_rate = drop_path_rate
+        self.grid, self.drop_path_rate = grid, drop_path_rate
         self.norm = nn.LayerNorm(dim)                    # PyTorch's eps 1e-5, as the authors'
         self.lp = nn.Linear(2 * dim, dim) if takes_hidden else None
         self.ss2d = SS2D(dim, d_state=d_state, dropout=dropout, scan_backend=scan_backend)
@@ -618,10 +604,8 @@ class PatchInflate(nn.Module):
         super().__init__()
         self.grid = grid
         up = dict(kernel_size=3, stride=2, padding=1, output_padding=1)
-        stages = []
-        for _ in range(patch_size // 4 if patch_size > 2 else 0):
-            stages += [nn.ConvTranspose2d(dim, dim, **up), nn.GroupNorm(16, dim), nn.LeakyReLU(0.2)]
-        self.up = nn.Sequential(*stages)
+        self.up = nn.Sequential(*[m for _ in range(patch_size // 4) for m in (
+            nn.ConvTranspose2d(dim, dim, **up), nn.GroupNorm(16, dim), nn.LeakyReLU(0.2))])
         self.out = nn.ConvTranspose2d(dim, in_chans, **up)
 
     def forward(self, x):
@@ -657,8 +641,7 @@ class PatchExpanding(nn.Module):
         self.norm = nn.LayerNorm(dim // 2)
 
     def forward(self, x):
-        b = x.shape[0]
-        H, W = self.grid
+        (b, _, _), (H, W) = x.shape, self.grid
         x = self.expand(x).view(b, H, W, 2, 2, -1)       # (b, H, W, p1, p2, w/2)
         x = x.permute(0, 1, 3, 2, 4, 5).reshape(b, 4 * H * W, -1)       # (b, 2H*2W, w/2)
         return self.norm(x)
@@ -727,14 +710,10 @@ class _Forecaster(nn.Module):
         step = self.step          # with checkpoint_steps, backward recomputes each frame step:
         if self.checkpoint_steps and torch.is_grad_enabled():
             step = lambda *args: checkpoint(self.step, *args, use_reentrant=False)
-        state, preds = None, []
-        for t in range(frames.shape[1] - 1):
-            pred, state = step(frames[:, t], state)
+        state, preds, t_in = None, [], frames.shape[1]
+        for t in range(t_in - 1 + pred_len):             # input: frame t, then the last prediction
+            pred, state = step(frames[:, t] if t < t_in else preds[-1], state)
             preds.append(pred)
-        frame = frames[:, -1]
-        for _ in range(pred_len):
-            frame, state = step(frame, state)
-            preds.append(frame)
         return torch.stack(preds, dim=1)                 # (b, t_in - 1 + pred_len, C, h, w)
 
 
@@ -784,23 +763,19 @@ class VMRNN_D(_Forecaster):
                              f"of {patch_size * 2 ** L}, or fewer levels")
         cell = dict(d_state=d_state, dropout=dropout, cell_update=cell_update,
                     scan_backend=scan_backend)
-        grid = lambda level: (self.grid[0] // 2 ** level, self.grid[1] // 2 ** level)
-        # Stochastic depth: 0 -> drop_path_rate over the blocks of each path, in build order.
-        rates_down = torch.linspace(0, drop_path_rate, sum(depths_down)).tolist()
-        rates_up = torch.linspace(0, drop_path_rate, sum(depths_up)).tolist()
         self.down, self.merge = nn.ModuleList(), nn.ModuleList()
         self.up, self.expand = nn.ModuleList(), nn.ModuleList()
-        for i in range(L):
-            dim, first = embed_dim * 2 ** i, sum(depths_down[:i])
-            self.down.append(VMRNNCell(dim, grid(i), depths_down[i],
-                                       rates_down[first:first + depths_down[i]], **cell))
-            self.merge.append(PatchMerging(dim, grid(i)))
-        for i in range(L):
-            j = L - 1 - i                                # index into depths_up (by width)
-            dim, first = embed_dim * 2 ** (L - i), sum(depths_up[:j])
-            self.up.append(VMRNNCell(dim, grid(L - i), depths_up[j],
-                                     rates_up[first:first + depths_up[j]], **cell))
-            self.expand.append(PatchExpanding(dim, grid(L - i)))
+        for cells, resample, depths, shift, Resample in [
+                (self.down, self.merge, depths_down, 0, PatchMerging),
+                (self.up, self.expand, depths_up, 1, PatchExpanding)]:
+            # Stochastic depth: 0 -> drop_path_rate over the path's blocks, in order of width.
+            rates = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
+            for j in range(L) if shift == 0 else reversed(range(L)):  # j indexes depths (by width)
+                level, first = j + shift, sum(depths[:j])             # width c*2^level
+                grid = (self.grid[0] // 2 ** level, self.grid[1] // 2 ** level)
+                cells.append(VMRNNCell(embed_dim * 2 ** level, grid, depths[j],
+                                       rates[first:first + depths[j]], **cell))
+                resample.append(Resample(embed_dim * 2 ** level, grid))
 
     def step(self, frame, state=None):
         self._check_step(frame, state, [*self.down, *self.up])
@@ -815,13 +790,11 @@ class VMRNN_D(_Forecaster):
 
 
 def paper_model(name, **overrides):
-    """The Table 1 model for "mmnist", "kth" or "taxibj" (embed 128, d_state 16, drop path 0.1)."""
-    configs = {
-        "mmnist": (VMRNN_D, dict(img_size=64, patch_size=2, in_chans=1, depths_down=(2, 6),
-                                 depths_up=(6, 2))),
-        "kth": (VMRNN_B, dict(img_size=128, patch_size=2, in_chans=1, depth=6)),
-        "taxibj": (VMRNN_B, dict(img_size=32, patch_size=4, in_chans=2, depth=12)),
-    }
+    """The Table 1 model for "mmnist", "kth" or "taxibj" (embed 128, d_state 16, drop path 0.1;
+    VMRNN-D's default depths are the paper's (2, 6, 6, 2))."""
+    configs = {"mmnist": (VMRNN_D, dict(img_size=64, patch_size=2, in_chans=1)),
+               "kth": (VMRNN_B, dict(img_size=128, patch_size=2, in_chans=1, depth=6)),
+               "taxibj": (VMRNN_B, dict(img_size=32, patch_size=4, in_chans=2, depth=12))}
     if name not in configs:
         raise ValueError(f"unknown paper model {name!r}: choose one of {sorted(configs)}")
     cls, kwargs = configs[name]
@@ -853,8 +826,7 @@ def check_state_dict(model, state_dict):
     shapes), else the first unexpected key. Returns None."""
     ours = model.state_dict()
     extra = [key for key in state_dict if key not in ours]
-    bad = next((k for k, v in ours.items() if getattr(state_dict.get(k), "shape", 0) != v.shape),
-               None)
+    bad = next((k for k in ours if getattr(state_dict.get(k), "shape", 0) != ours[k].shape), None)
     if bad in state_dict:
         problem = f"{bad!r} has {_describe(state_dict[bad])}, the model's {tuple(ours[bad].shape)}"
     elif bad:
