@@ -90,8 +90,7 @@ def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta
         u, delta, z: (b, d, l); A: (d, n), real, negative; D, delta_bias: (d,)
         B, C: (b, g, n, l), group k shared by channels k*d/g .. (k+1)*d/g - 1; or (b, n, l), g = 1
     Returns y (b, d, l) [and h_l (b, d, n) if return_last_state], computed and returned in
-    float32 whatever the input dtype (float64 if an input is float64).
-    """
+    float32 whatever the input dtype (float64 if an input is float64)."""
     u, delta, A, B, C = _prepare_scan(u, delta, A, B, C, delta_bias, delta_softplus)
     b, d, l = u.shape
     B, C = (v.repeat_interleave(d // v.shape[1], dim=1) for v in (B, C))    # (b, d, n, l)
@@ -237,8 +236,7 @@ class _SelectiveScanFn(torch.autograd.Function):
         and with q_t = gh_t a_t h_{t-1} (a_t = exp(delta_t A), x_t = delta_t B_t u_t):
             dC_t = sum_(d in group) gy_t h_t          dB_t = sum_(d in group) gh_t delta_t u_t
             du_t = delta_t sum_n gh_t B_t             ddelta_t = u_t sum_n gh_t B_t + sum_n q_t A
-            dA = sum_(b, t) q_t delta_t
-        """
+            dA = sum_(b, t) q_t delta_t"""
         u, delta, A, B, C, states = ctx.saved_tensors
         (T, S, L), (b, d, l), (g, n) = ctx.sizes, u.shape, B.shape[1:3]
         dt, dtu, Bt, Ct = _SelectiveScanFn.layouts(u, delta, B, C, L)       # time-major
@@ -264,8 +262,7 @@ def selective_scan_torch(u, delta, A, B, C, D=None, z=None, delta_bias=None, del
     op per position within a chunk instead of per time step (`_chunked_linear_scan`). Backward
     recomputes the states slab by slab, so training memory is O(b d l) plus one slab, never the
     (b, d, l, n) states. Any device, eager or compiled (`set_scan_compile`). Under autocast it
-    returns float32; gradients reach the inputs in their own dtype (and from the last state).
-    """
+    returns float32; gradients reach the inputs in their own dtype (and from the last state)."""
     with torch.autocast(u.device.type, enabled=False):
         u, delta, A, B, C = _prepare_scan(u, delta, A, B, C, delta_bias, delta_softplus)
         y, last_state = _SelectiveScanFn.apply(u, delta, A, B, C)           # eq (4), (2a), (2b)
@@ -362,6 +359,12 @@ def _fits(t, *shape):
             and all(s in (None, size) for s, size in zip(shape, t.shape)))
 
 
+def _require(ok, message):
+    """The one-line ValueError for bad input: `message` names the argument, what it got, the fix."""
+    if not ok:
+        raise ValueError(message)
+
+
 def _check_scan_args(u, delta, A, B, C, D, z, delta_bias):
     """Shapes and dtypes only (no data is read), so that no backend answers a malformed call."""
     def fail(name, t, expected):
@@ -390,8 +393,7 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     backend: "auto" runs the mamba-ssm CUDA kernel for CUDA tensors when it is installed and
     works, else the PyTorch parallel scan; "torch" the parallel scan (any device); "ref" the loop;
     "mamba" the kernel, or a RuntimeError when it cannot run. `last_scan_backend()` tells which
-    ran. The kernel does not back-propagate into the returned last state; the others do.
-    """
+    ran. The kernel does not back-propagate into the returned last state; the others do."""
     global _last_backend
     _check_scan_args(u, delta, A, B, C, D, z, delta_bias)
     if backend in ("auto", "mamba"):
@@ -439,8 +441,7 @@ class SS2D(nn.Module):
 
     x (b, H, W, c) -> (b, H, W, c). Parameter names are VMamba's (x_proj_weight, dt_projs_weight,
     dt_projs_bias, A_logs, Ds, ...), so the authors' checkpoints load without renaming them. The
-    per-direction projections are stacked along a leading k axis instead of four modules.
-    """
+    per-direction projections are stacked along a leading k axis instead of four modules."""
 
     def __init__(self, d_model, d_state=16, d_conv=3, expand=2, dropout=0.0, scan_backend="auto"):
         super().__init__()
@@ -515,8 +516,7 @@ class VSSBlock(nn.Module):
     LP = Linear(2c -> c) (Fig. 2(b)), one LayerNorm shared by both; the residual is x alone.
 
     Note: the authors allocate LP in every block and use it only in the first; here only the
-    block that takes the hidden state has it (`takes_hidden=True`), so no parameter is dead.
-    """
+    block that takes the hidden state has it (`takes_hidden=True`), so no parameter is dead."""
 
     def __init__(self, dim, grid, takes_hidden, drop_path_rate=0.0, d_state=16, dropout=0.0,
                  scan_backend="auto"):
@@ -547,16 +547,14 @@ class VMRNNCell(nn.Module):
     x (b, l, c), state None or (h_state, c_state) each (b, l, c) -> (h_state, (h_state, c_state)).
     A state of None means zeros. `cell_update` picks the cell-state update:
       "code"  (default) C_t = F_t * (C_{t-1} + tanh(O_t)), the authors' code, published numbers;
-      "paper" C_t = F_t * tanh(O_t) + C_{t-1}, the paper's Eq. (5).
-    """
+      "paper" C_t = F_t * tanh(O_t) + C_{t-1}, the paper's Eq. (5)."""
 
     def __init__(self, dim, grid, depth, drop_path_rates, d_state=16, dropout=0.0,
                  cell_update="code", scan_backend="auto"):
         super().__init__()
-        if cell_update not in ("code", "paper"):
-            raise ValueError(f"cell_update must be 'code' or 'paper', got {cell_update!r}")
-        if depth < 1:
-            raise ValueError(f"a VMRNN cell needs at least one VSS block, got depth={depth}")
+        _require(cell_update in ("code", "paper"), f"cell_update must be 'code' or 'paper', got "
+                 f"{cell_update!r}")
+        _require(depth >= 1, f"a VMRNN cell needs at least one VSS block, got depth={depth}")
         self.cell_update = cell_update
         self.state_shape = (grid[0] * grid[1], dim)      # (l, c) of h_state and c_state
         self.blocks = nn.ModuleList(
@@ -650,32 +648,25 @@ class PatchExpanding(nn.Module):
 class _Forecaster(nn.Module):
     """What VMRNN-B and VMRNN-D share: input checks, the patch embedding, and the rollout.
     Set `checkpoint_steps = True` to trade compute for memory in training: each frame step of the
-    rollout then keeps only its inputs, and backward recomputes it (same result, same drop path).
-    """
+    rollout then keeps only its inputs, and backward recomputes it (same result, same drop path)."""
 
     def __init__(self, img_size, patch_size, in_chans, embed_dim, d_state, drop_path_rate, dropout):
         super().__init__()
         for name, value in [("in_chans", in_chans), ("embed_dim", embed_dim), ("d_state", d_state)]:
-            if not value >= 1:
-                raise ValueError(f"{name} must be >= 1, got {value!r}")
+            _require(value >= 1, f"{name} must be >= 1, got {value!r}")
         for name, value in [("drop_path_rate", drop_path_rate), ("dropout", dropout)]:
-            if not 0 <= value < 1:
-                raise ValueError(f"{name} is a probability in [0, 1), got {value!r}")
+            _require(0 <= value < 1, f"{name} is a probability in [0, 1), got {value!r}")
         h, w = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
-        if patch_size not in (2, 4, 8):
-            raise ValueError(f"patch_size must be 2, 4 or 8 (the reconstruction head upsamples by "
-                             f"2 * 2**(p // 4), which equals p only for those), got {patch_size}")
-        if h % patch_size or w % patch_size:
-            raise ValueError(f"image size {h}x{w} is not divisible by patch_size {patch_size}: "
-                             f"crop or pad frames to a multiple of {patch_size}")
-        if patch_size > 2 and embed_dim % 16:
-            raise ValueError(f"embed_dim {embed_dim} must be divisible by 16, the GroupNorm groups "
-                             f"of the reconstruction head used when patch_size > 2")
+        _require(patch_size in (2, 4, 8), f"patch_size must be 2, 4 or 8 (the reconstruction head "
+                 f"upsamples by 2 * 2**(p // 4), which equals p only for those), got {patch_size}")
+        _require(h % patch_size == w % patch_size == 0, f"image size {h}x{w} is not divisible by "
+                 f"patch_size {patch_size}: crop or pad frames to a multiple of {patch_size}")
+        _require(patch_size == 2 or embed_dim % 16 == 0, f"embed_dim {embed_dim} must be divisible "
+                 f"by 16, the GroupNorm groups of the reconstruction head used when patch_size > 2")
         self.img_size, self.in_chans = (h, w), in_chans
-        self.grid = (h // patch_size, w // patch_size)
-        if self.grid[0] % 2 or self.grid[1] % 2:
-            raise ValueError(f"the patch grid {self.grid[0]}x{self.grid[1]} must be even: "
-                             f"use an image size that is a multiple of {2 * patch_size}")
+        self.grid = H, W = (h // patch_size, w // patch_size)
+        _require(H % 2 == W % 2 == 0, f"the patch grid {H}x{W} must be even: use an image size "
+                 f"that is a multiple of {2 * patch_size}")
         self.embed = PatchEmbed(patch_size, in_chans, embed_dim)
         self.head = PatchInflate(patch_size, in_chans, embed_dim, self.grid)
         self.checkpoint_steps = False
@@ -683,30 +674,29 @@ class _Forecaster(nn.Module):
     def _check_step(self, frame, state, cells):
         """A ValueError unless frame is a floating-point (b, C, h, w) and state is None or, per
         cell of `cells`, (h_state, c_state) each (b, l, c) as that cell expects."""
-        if not _fits(frame, None, self.in_chans, *self.img_size):
-            raise ValueError(f"expected a floating-point frame of shape (b, {self.in_chans}, "
-                             f"{self.img_size[0]}, {self.img_size[1]}), got {_describe(frame)}")
+        (C, h, w), many = (self.in_chans, *self.img_size), len(cells) > 1
+        _require(_fits(frame, None, C, h, w), f"expected a floating-point frame of shape (b, {C}, "
+                 f"{h}, {w}), got {_describe(frame)}")
         shapes = [(frame.shape[0], *cell.state_shape) for cell in cells]
-        pairs = [state] if len(cells) == 1 else state                   # VMRNN_B: one bare pair
+        pairs = state if many else [state]                              # VMRNN_B: one bare pair
         if state is not None and not (isinstance(pairs, (list, tuple)) and len(pairs) == len(cells)
                                       and all(isinstance(p, (list, tuple)) and len(p) == 2 and
                                               _fits(p[0], *s) and _fits(p[1], *s)
                                               for p, s in zip(pairs, shapes))):
-            raise ValueError(f"state must be None or {'per cell ' if len(cells) > 1 else ''}(h_state, "
-                             f"c_state) of shapes {shapes if len(cells) > 1 else shapes[0]} (b, l, c)"
-                             f", got {_describe(state)}")
+            raise ValueError(f"state must be None or {'per cell ' if many else ''}(h_state, c_state)"
+                             f" of shapes {shapes if many else shapes[0]} (b, l, c), got "
+                             f"{_describe(state)}")
 
     def forward(self, frames, pred_len):
         """The authors' rollout (SPEC §5), identical in training and test:
         frames (b, t_in, C, h, w) in [0, 1] -> (b, t_in - 1 + pred_len, C, h, w): the next-frame
         predictions for frames 1..t_in-1 (teacher-forced), then pred_len closed-loop predictions
-        that start from the last observed frame and feed each prediction back in.
-        """
-        if not _fits(frames, None, None, self.in_chans, *self.img_size) or frames.shape[1] < 1:
-            raise ValueError(f"expected frames of shape (b, t, {self.in_chans}, {self.img_size[0]}, "
-                             f"{self.img_size[1]}), floating point, t >= 1, got {_describe(frames)}")
-        if not (isinstance(pred_len, int) and pred_len >= 0):
-            raise ValueError(f"pred_len must be an integer >= 0, got {pred_len!r}")
+        that start from the last observed frame and feed each prediction back in."""
+        (C, h, w) = (self.in_chans, *self.img_size)
+        _require(_fits(frames, None, None, C, h, w) and frames.shape[1] >= 1, f"expected frames of "
+                 f"shape (b, t, {C}, {h}, {w}), floating point, t >= 1, got {_describe(frames)}")
+        _require(isinstance(pred_len, int) and pred_len >= 0,
+                 f"pred_len must be an integer >= 0, got {pred_len!r}")
         step = self.step          # with checkpoint_steps, backward recomputes each frame step:
         if self.checkpoint_steps and torch.is_grad_enabled():
             step = lambda *args: checkpoint(self.step, *args, use_reentrant=False)
@@ -721,8 +711,7 @@ class VMRNN_B(_Forecaster):
     """VMRNN-B (Fig. 3, left): patch embedding -> one VMRNN cell -> reconstruction.
     `step(frame, state)` advances one frame: frame (b, C, h, w), state None or (h_state, c_state)
     -> (prediction of the next frame (b, C, h, w) in (0, 1), new state).
-    Stochastic depth uses the same rate in every block, as the authors' code does.
-    """
+    Stochastic depth uses the same rate in every block, as the authors' code does."""
 
     def __init__(self, img_size, patch_size, in_chans, embed_dim=128, depth=6, d_state=16,
                  drop_path_rate=0.1, dropout=0.0, cell_update="code", scan_backend="auto"):
@@ -746,21 +735,18 @@ class VMRNN_D(_Forecaster):
     two cells of width 2c both have 6 blocks (the authors' indexing, checked on their checkpoint).
     `step(frame, state)` takes and returns state as a list of (h_state, c_state), one per cell.
 
-    Note: the authors' up path builds a second patch embedding that is never used; not here.
-    """
+    Note: the authors' up path builds a second patch embedding that is never used; not here."""
 
     def __init__(self, img_size, patch_size, in_chans, embed_dim=128, depths_down=(2, 6),
                  depths_up=(6, 2), d_state=16, drop_path_rate=0.1, dropout=0.0, cell_update="code",
                  scan_backend="auto"):
         super().__init__(img_size, patch_size, in_chans, embed_dim, d_state, drop_path_rate, dropout)
-        L = len(depths_down)
-        if len(depths_up) != L or L < 1:
-            raise ValueError(f"depths_down and depths_up need the same number (>= 1) of levels, "
-                             f"got {tuple(depths_down)} and {tuple(depths_up)}")
-        if self.grid[0] % 2 ** L or self.grid[1] % 2 ** L:
-            raise ValueError(f"the patch grid {self.grid[0]}x{self.grid[1]} cannot be halved "
-                             f"{L} times (len(depths_down)): use an image size that is a multiple "
-                             f"of {patch_size * 2 ** L}, or fewer levels")
+        L, (H, W) = len(depths_down), self.grid
+        _require(len(depths_up) == L >= 1, f"depths_down and depths_up need the same number (>= 1)"
+                 f" of levels, got {tuple(depths_down)} and {tuple(depths_up)}")
+        _require(H % 2 ** L == W % 2 ** L == 0, f"the patch grid {H}x{W} cannot be halved {L} "
+                 f"times (len(depths_down)): use an image size that is a multiple of "
+                 f"{patch_size * 2 ** L}, or fewer levels")
         cell = dict(d_state=d_state, dropout=dropout, cell_update=cell_update,
                     scan_backend=scan_backend)
         self.down, self.merge = nn.ModuleList(), nn.ModuleList()
@@ -844,8 +830,7 @@ def load_official_state_dict(model, state_dict):
     """Load weights saved by the authors' code into `model`; returns the keys it ignored.
     Ignored keys are the weights the authors' models allocate but never use (the 2c -> c Linear of
     every block after the first in a cell, and VMRNN-D's second patch embedding). Any other key
-    that does not fit raises `check_state_dict`'s ValueError (keys named as ours).
-    """
+    that does not fit raises `check_state_dict`'s ValueError (keys named as ours)."""
     ours, loaded, ignored = model.state_dict(), {}, []
     for key, value in state_dict.items():
         name = key.removeprefix("module.")               # saved from DistributedDataParallel
