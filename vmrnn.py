@@ -47,9 +47,7 @@ except ImportError:
     _mamba_scan_fn = None
 
 
-# --------------------------------------------------------------------------------------------------
-# 1. Selective scan (S6): Mamba Alg. 2, VMRNN Fig. 2(c), Eq. (8)
-# --------------------------------------------------------------------------------------------------
+# 1. Selective scan (S6): Mamba Alg. 2, VMRNN Fig. 2(c), Eq. (8) -----------------------------------
 # Tags refer to the Mamba paper (Gu & Dao 2023): eq (2a) h_t = A_bar h_{t-1} + B_bar x_t,
 # eq (2b) y_t = C h_t, eq (4) A_bar = exp(delta A) (zero-order hold); Alg. 2 line 4
 # delta = softplus(parameter + s_delta(x)). As in Mamba's code, B_bar = delta B (Euler), and the
@@ -59,9 +57,8 @@ except ImportError:
 
 
 def _prepare_scan(u, delta, A, B, C, delta_bias, delta_softplus):
-    """What every scan does first: compute in float32 whatever the inputs' dtype (like the CUDA
-    kernel; float64 if an input is float64, for the tests' oracle), delta = softplus(delta + bias),
-    and B, C in the grouped form (b, g, n, l)."""
+    """What every scan does first: compute in float32 like the CUDA kernel (float64 if an input is,
+    for the tests' oracle), delta = softplus(delta + bias), and B, C grouped (b, g, n, l)."""
     dtype = torch.float64 if torch.float64 in (t.dtype for t in (u, delta, A, B, C)) else torch.float32
     u, delta, A, B, C = (t.to(dtype) for t in (u, delta, A, B, C))
     if delta_bias is not None:
@@ -136,8 +133,7 @@ def _chunked_linear_scan(a, x, h0, chunk, reverse=False):
     nc = x.shape[0] // chunk
     a, x = a.view(nc, chunk, *a.shape[1:]), x.view(nc, chunk, *x.shape[1:])  # (nc, T, ...)
     at, xt = a.unbind(1), x.unbind(1)                                       # T views (nc, ...)
-    steps = range(chunk - 1, -1, -1) if reverse else range(chunk)
-    chunks = range(nc - 1, -1, -1) if reverse else range(nc)
+    steps, chunks = (range(chunk)[::-1], range(nc)[::-1]) if reverse else (range(chunk), range(nc))
     start = torch.empty_like(xt[0])                                         # (nc, ...)
     start[chunks[0]] = h0
     if nc > 1:  # (1) every chunk from a zero state, all at once: its end state e and its decay
@@ -201,8 +197,9 @@ def _adjoint_slab(dt, dtu, A, Bt, Ct, gyt, h0, carry, T, work=(None, None, None)
 class _SelectiveScanFn(torch.autograd.Function):
     """(y, h_l) of eq (4), (2a), (2b) from h_0 = 0. u, delta (b, d, l), delta after softplus; A
     (d, n); B, C (b, g, n, l). Time is padded with delta = 0 (a = 1, x = 0) to whole slabs of S
-    steps, each cut into chunks of T steps (`_slab_sizes`); a slab's (S, b, g, d/g, n) temporaries
-    are the only state-sized memory. Saved: the inputs and the state at each slab start."""
+    steps, each cut into chunks of T steps (`_slab_sizes`, `_chunked_linear_scan`). Saved: the
+    inputs and the state at each slab start; backward recomputes the states slab by slab, so
+    memory is O(b d l) plus one slab's (S, b, g, d/g, n) temporaries, never (b, d, l, n) states."""
 
     @staticmethod
     def layouts(u, delta, B, C, L):
@@ -257,12 +254,9 @@ class _SelectiveScanFn(torch.autograd.Function):
 def selective_scan_torch(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
                          return_last_state=False):
     """The selective scan in pure PyTorch, parallel over chunks of time: the default backend.
-
-    Same signature, shapes and result as `selective_scan_ref` (up to float32 rounding), with one
-    op per position within a chunk instead of per time step (`_chunked_linear_scan`). Backward
-    recomputes the states slab by slab, so training memory is O(b d l) plus one slab, never the
-    (b, d, l, n) states. Any device, eager or compiled (`set_scan_compile`). Under autocast it
-    returns float32; gradients reach the inputs in their own dtype (and from the last state)."""
+    Same signature, shapes and result as `selective_scan_ref` (up to float32 rounding); any
+    device, eager or compiled (`set_scan_compile`). Returns float32 even under autocast; gradients
+    reach the inputs in their own dtype, and from the last state too (`_SelectiveScanFn`)."""
     with torch.autocast(u.device.type, enabled=False):
         u, delta, A, B, C = _prepare_scan(u, delta, A, B, C, delta_bias, delta_softplus)
         y, last_state = _SelectiveScanFn.apply(u, delta, A, B, C)           # eq (4), (2a), (2b)
@@ -409,9 +403,7 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     return scans[backend](u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
 
 
-# --------------------------------------------------------------------------------------------------
-# 2. Cross-scan and cross-merge: VMRNN Eqs. (7) and (9)
-# --------------------------------------------------------------------------------------------------
+# 2. Cross-scan and cross-merge: VMRNN Eqs. (7) and (9) --------------------------------------------
 
 def cross_scan(x):
     """Unfold a feature map into the four scan orders of SS2D ("scan expand", Eq. 7): x (b, d, H, W)
@@ -432,9 +424,7 @@ def cross_merge(ys, H, W):
     return rows + cols.flatten(2)                        # (b, d, l)              eq (9)
 
 
-# --------------------------------------------------------------------------------------------------
-# 3. SS2D: VMRNN Fig. 2(c) (VMamba's 2D selective scan, "v0")
-# --------------------------------------------------------------------------------------------------
+# 3. SS2D: VMRNN Fig. 2(c) (VMamba's 2D selective scan, "v0") --------------------------------------
 
 class SS2D(nn.Module):
     """2D selective scan: in_proj -> depthwise conv -> 4-direction S6 -> merge -> norm, gate, out_proj.
@@ -445,8 +435,7 @@ class SS2D(nn.Module):
 
     def __init__(self, d_model, d_state=16, d_conv=3, expand=2, dropout=0.0, scan_backend="auto"):
         super().__init__()
-        k = 4
-        self.d_state, self.scan_backend = d_state, scan_backend
+        k, self.d_state, self.scan_backend = 4, d_state, scan_backend
         self.d_inner = d_inner = expand * d_model
         self.dt_rank = dt_rank = math.ceil(d_model / 16)
 
@@ -498,9 +487,7 @@ class SS2D(nn.Module):
         return self.dropout(self.out_proj(y))            # (b, H, W, c)
 
 
-# --------------------------------------------------------------------------------------------------
-# 4. VSS block as used inside the VMRNN cell: VMRNN Fig. 2(b)
-# --------------------------------------------------------------------------------------------------
+# 4. VSS block as used inside the VMRNN cell: VMRNN Fig. 2(b) --------------------------------------
 
 def drop_path(x, p, training):
     """Stochastic depth: zero the whole residual branch of a sample with probability p."""
@@ -537,9 +524,7 @@ class VSSBlock(nn.Module):
         return x + drop_path(y.view(b, l, c), self.drop_path_rate, self.training)
 
 
-# --------------------------------------------------------------------------------------------------
-# 5. VMRNN cell: VMRNN Eqs. (4)-(6), Fig. 2(a)
-# --------------------------------------------------------------------------------------------------
+# 5. VMRNN cell: VMRNN Eqs. (4)-(6), Fig. 2(a) -----------------------------------------------------
 
 class VMRNNCell(nn.Module):
     """One recurrent step: O_t from a stack of VSS blocks, then an LSTM-style state update.
@@ -557,10 +542,8 @@ class VMRNNCell(nn.Module):
         _require(depth >= 1, f"a VMRNN cell needs at least one VSS block, got depth={depth}")
         self.cell_update = cell_update
         self.state_shape = (grid[0] * grid[1], dim)      # (l, c) of h_state and c_state
-        self.blocks = nn.ModuleList(
-            VSSBlock(dim, grid, takes_hidden=(i == 0), drop_path_rate=drop_path_rates[i],
-                     d_state=d_state, dropout=dropout, scan_backend=scan_backend)
-            for i in range(depth))
+        self.blocks = nn.ModuleList(VSSBlock(dim, grid, i == 0, drop_path_rates[i], d_state,
+                                             dropout, scan_backend) for i in range(depth))
 
     def forward(self, x, state=None):
         h_state, c_state = (torch.zeros_like(x), torch.zeros_like(x)) if state is None else state
@@ -577,9 +560,7 @@ class VMRNNCell(nn.Module):
         return h_state, (h_state, c_state)
 
 
-# --------------------------------------------------------------------------------------------------
-# 6. VMRNN-B and VMRNN-D: VMRNN Fig. 3, Table 1
-# --------------------------------------------------------------------------------------------------
+# 6. VMRNN-B and VMRNN-D: VMRNN Fig. 3, Table 1 ----------------------------------------------------
 
 class PatchEmbed(nn.Module):
     """Frame -> tokens: Conv2d(kernel = stride = p), flatten, LayerNorm. (b, C, h, w) -> (b, l, c)."""
@@ -749,8 +730,7 @@ class VMRNN_D(_Forecaster):
                  f"{patch_size * 2 ** L}, or fewer levels")
         cell = dict(d_state=d_state, dropout=dropout, cell_update=cell_update,
                     scan_backend=scan_backend)
-        self.down, self.merge = nn.ModuleList(), nn.ModuleList()
-        self.up, self.expand = nn.ModuleList(), nn.ModuleList()
+        self.down, self.merge, self.up, self.expand = (nn.ModuleList() for _ in range(4))
         for cells, resample, depths, shift, Resample in [
                 (self.down, self.merge, depths_down, 0, PatchMerging),
                 (self.up, self.expand, depths_up, 1, PatchExpanding)]:
@@ -787,10 +767,7 @@ def paper_model(name, **overrides):
     return cls(**{**kwargs, **overrides})
 
 
-# --------------------------------------------------------------------------------------------------
-# 7. Loading the authors' weights
-# --------------------------------------------------------------------------------------------------
-
+# 7. Loading the authors' weights ------------------------------------------------------------------
 # Official key prefix -> ours. Applied in order, first match wins; None = a weight the authors'
 # model never uses (ignored). Covers their Moving-MNIST B (`ST.layers.0`), OpenSTL B (`ST.layer`)
 # and Moving-MNIST / OpenSTL D (`Downsample` / `Upsample`) models.
