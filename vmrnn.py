@@ -48,12 +48,11 @@ except ImportError:
 
 
 # 1. Selective scan (S6): Mamba Alg. 2, VMRNN Fig. 2(c), Eq. (8) -----------------------------------
-# Tags refer to the Mamba paper (Gu & Dao 2023): eq (2a) h_t = A_bar h_{t-1} + B_bar x_t,
-# eq (2b) y_t = C h_t, eq (4) A_bar = exp(delta A) (zero-order hold); Alg. 2 line 4
-# delta = softplus(parameter + s_delta(x)). As in Mamba's code, B_bar = delta B (Euler), and the
-# SSM input x_t is called u here (x is the state update below). Three implementations share one
-# signature: the loop (the reference), the chunked parallel scan (the default) and the optional
-# CUDA kernel; `selective_scan` picks one.
+# Tags refer to the Mamba paper (Gu & Dao 2023): eq (2a) h_t = A_bar h_{t-1} + B_bar x_t, eq (2b)
+# y_t = C h_t, eq (4) A_bar = exp(delta A) (zero-order hold); Alg. 2 line 4: delta = softplus(
+# parameter + s_delta(x)). As in Mamba's code, B_bar = delta B (Euler) and the SSM input x_t is
+# called u (x is the state update). One signature, three implementations, which `selective_scan`
+# picks from: the loop (the reference), the chunked parallel scan (default), the CUDA kernel.
 
 
 def _prepare_scan(u, delta, A, B, C, delta_bias, delta_softplus):
@@ -200,7 +199,6 @@ class _SelectiveScanFn(torch.autograd.Function):
     steps, each cut into chunks of T steps (`_slab_sizes`, `_chunked_linear_scan`). Saved: the
     inputs and the state at each slab start; backward recomputes the states slab by slab, so
     memory is O(b d l) plus one slab's (S, b, g, d/g, n) temporaries, never (b, d, l, n) states."""
-
     @staticmethod
     def layouts(u, delta, B, C, L):
         """delta (L+1, b, g, d/g, 1) (one step more: backward needs a_{t+1}), delta*u
@@ -264,8 +262,7 @@ def selective_scan_torch(u, delta, A, B, C, D=None, z=None, delta_bias=None, del
     return (y, last_state) if return_last_state else y
 
 
-# Backend choice: the mamba-ssm kernel and torch.compile are each tried once, on the first call
-# that could use them; a failure warns once, then falls back to the eager PyTorch scan.
+# Backend choice: the kernel and torch.compile are each tried once; a failure warns, falls back.
 _KERNEL_DEVICE_TYPE = "cuda"    # the only device type the mamba-ssm kernel runs on
 _mamba_works = None             # None until probed, then True or False
 _last_backend = None            # what the last selective_scan ran (see last_scan_backend)
@@ -274,8 +271,7 @@ _compiled, _compile_error = {}, None  # slab function -> its torch.compile'd for
 
 
 def last_scan_backend():
-    """Which backend ran the most recent `selective_scan` call: "mamba", "torch-compiled" (the
-    PyTorch scan through torch.compile), "torch" (the same, eager) or "ref"."""
+    """Which backend ran the last `selective_scan`: "mamba", "torch-compiled", "torch" or "ref"."""
     return _last_backend
 
 
@@ -291,8 +287,7 @@ def set_scan_compile(mode):
 
 
 def _workspace(u, steps, *shape):
-    """Buffers that the eager scan reuses from slab to slab, or None where set_scan_compile() asks
-    to compile for u's device (a compiled slab function allocates its own)."""
+    """Buffers the eager scan reuses slab after slab, or None to compile (`set_scan_compile`)."""
     mode = "on" if _scan_compile == "auto" and u.device.type == "cuda" else _scan_compile
     return None if mode == "on" and not _compile_error else [u.new_empty(S, *shape) for S in steps]
 
@@ -308,8 +303,9 @@ def _run_slab(fn, work, *args):
             for t in args[:-1]:
                 torch._dynamo.maybe_mark_dynamic(t, 1 if t.dim() == 5 else 0)
             with torch._dynamo.config.patch(recompile_limit=64):  # a graph per scan shape, not 8
-                _last_backend = "torch-compiled"
-                return _compiled[fn](*args)
+                out = _compiled[fn](*args)
+            _last_backend = "torch-compiled"
+            return out
         except Exception as error:  # torch, Triton or the C++ compiler: any failure means eager
             _compile_error = f"{type(error).__name__}: {(str(error) or '?').splitlines()[0]}"
             warnings.warn(f"torch.compile cannot compile the selective scan on {args[0].device} "
@@ -428,17 +424,14 @@ def cross_merge(ys, H, W):
 
 class SS2D(nn.Module):
     """2D selective scan: in_proj -> depthwise conv -> 4-direction S6 -> merge -> norm, gate, out_proj.
-
     x (b, H, W, c) -> (b, H, W, c). Parameter names are VMamba's (x_proj_weight, dt_projs_weight,
     dt_projs_bias, A_logs, Ds, ...), so the authors' checkpoints load without renaming them. The
     per-direction projections are stacked along a leading k axis instead of four modules."""
-
     def __init__(self, d_model, d_state=16, d_conv=3, expand=2, dropout=0.0, scan_backend="auto"):
         super().__init__()
         k, self.d_state, self.scan_backend = 4, d_state, scan_backend
         self.d_inner = d_inner = expand * d_model
         self.dt_rank = dt_rank = math.ceil(d_model / 16)
-
         self.in_proj = nn.Linear(d_model, 2 * d_inner, bias=False)
         self.conv2d = nn.Conv2d(d_inner, d_inner, d_conv, padding=(d_conv - 1) // 2, groups=d_inner)
         # Per direction: x -> (dt, B, C), then dt (rank r) -> delta (d channels).
@@ -471,12 +464,10 @@ class SS2D(nn.Module):
         x, z = self.in_proj(x).chunk(2, dim=-1)          # (b, H, W, d) each
         x = x.permute(0, 3, 1, 2)                        # (b, d, H, W)
         x = F.silu(self.conv2d(x))                       # (b, d, H, W)
-
         xs = cross_scan(x)                               # (b, k, d, l)           eq (7)
         x_dbl = torch.einsum("bkdl,kcd->bkcl", xs, self.x_proj_weight)    # (b, k, r + 2n, l)
         dts, Bs, Cs = torch.split(x_dbl, [r, n, n], dim=2)               # (b, k, r|n|n, l)
         dts = torch.einsum("bkrl,kdr->bkdl", dts, self.dt_projs_weight)  # (b, k, d, l)
-
         y = selective_scan(                              # (b, k*d, l) float32    eq (8)
             xs.flatten(1, 2), dts.flatten(1, 2), -torch.exp(self.A_logs.float()), Bs, Cs,
             self.Ds.float(), delta_bias=self.dt_projs_bias.float().flatten(), delta_softplus=True,
@@ -498,13 +489,11 @@ def drop_path(x, p, training):
 
 class VSSBlock(nn.Module):
     """x + DropPath(SS2D(LN(x))); the first block of a cell also mixes in the hidden state.
-
     x, h_state (b, l, c) -> (b, l, c). With h_state the SS2D input is LP([LN(x); LN(h_state)]),
     LP = Linear(2c -> c) (Fig. 2(b)), one LayerNorm shared by both; the residual is x alone.
 
     Note: the authors allocate LP in every block and use it only in the first; here only the
     block that takes the hidden state has it (`takes_hidden=True`), so no parameter is dead."""
-
     def __init__(self, dim, grid, takes_hidden, drop_path_rate=0.0, d_state=16, dropout=0.0,
                  scan_backend="auto"):
         super().__init__()
@@ -528,12 +517,10 @@ class VSSBlock(nn.Module):
 
 class VMRNNCell(nn.Module):
     """One recurrent step: O_t from a stack of VSS blocks, then an LSTM-style state update.
-
     x (b, l, c), state None or (h_state, c_state) each (b, l, c) -> (h_state, (h_state, c_state)).
     A state of None means zeros. `cell_update` picks the cell-state update:
       "code"  (default) C_t = F_t * (C_{t-1} + tanh(O_t)), the authors' code, published numbers;
       "paper" C_t = F_t * tanh(O_t) + C_{t-1}, the paper's Eq. (5)."""
-
     def __init__(self, dim, grid, depth, drop_path_rates, d_state=16, dropout=0.0,
                  cell_update="code", scan_backend="auto"):
         super().__init__()
@@ -564,7 +551,6 @@ class VMRNNCell(nn.Module):
 
 class PatchEmbed(nn.Module):
     """Frame -> tokens: Conv2d(kernel = stride = p), flatten, LayerNorm. (b, C, h, w) -> (b, l, c)."""
-
     def __init__(self, patch_size, in_chans, dim):
         super().__init__()
         self.proj = nn.Conv2d(in_chans, dim, kernel_size=patch_size, stride=patch_size)
@@ -578,7 +564,6 @@ class PatchInflate(nn.Module):
     """Tokens -> frame ("patch inflated" in the authors' code): transposed convolutions, x2 each.
     (b, l, c) -> (b, C, h, w) logits. For p > 2 the authors first apply p // 4 stages of
     [ConvTranspose2d(c -> c), GroupNorm(16, c), LeakyReLU(0.2)], then ConvTranspose2d(c -> C)."""
-
     def __init__(self, patch_size, in_chans, dim, grid):
         super().__init__()
         self.grid = grid
@@ -588,14 +573,12 @@ class PatchInflate(nn.Module):
         self.out = nn.ConvTranspose2d(dim, in_chans, **up)
 
     def forward(self, x):
-        b, l, c = x.shape
-        x = x.transpose(1, 2).reshape(b, c, *self.grid)  # (b, c, H, W)
+        x = x.transpose(1, 2).reshape(x.shape[0], -1, *self.grid)       # (b, c, H, W)
         return self.out(self.up(x))                      # (b, C, h, w)
 
 
 class PatchMerging(nn.Module):
     """Halve the grid, double the width (Swin): 2x2 neighbours -> LayerNorm(4w) -> Linear(4w -> 2w)."""
-
     def __init__(self, dim, grid):
         super().__init__()
         self.grid = grid
@@ -603,8 +586,7 @@ class PatchMerging(nn.Module):
         self.reduction = nn.Linear(4 * dim, 2 * dim, bias=False)
 
     def forward(self, x):
-        b, l, c = x.shape
-        x = x.view(b, *self.grid, c)                     # (b, H, W, w)
+        x = x.view(x.shape[0], *self.grid, -1)           # (b, H, W, w)
         # Neighbour order (0,0), (1,0), (0,1), (1,1) as (row, column), the authors' (Swin's) order.
         x = torch.cat([x[:, 0::2, 0::2], x[:, 1::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 1::2]], -1)
         return self.reduction(self.norm(x.flatten(1, 2)))                # (b, l/4, 2w)
@@ -612,7 +594,6 @@ class PatchMerging(nn.Module):
 
 class PatchExpanding(nn.Module):
     """Double the grid, halve the width (Swin-Unet): Linear(w -> 2w), each token -> 2x2 of w/2."""
-
     def __init__(self, dim, grid):
         super().__init__()
         self.grid = grid
@@ -622,15 +603,13 @@ class PatchExpanding(nn.Module):
     def forward(self, x):
         (b, _, _), (H, W) = x.shape, self.grid
         x = self.expand(x).view(b, H, W, 2, 2, -1)       # (b, H, W, p1, p2, w/2)
-        x = x.permute(0, 1, 3, 2, 4, 5).reshape(b, 4 * H * W, -1)       # (b, 2H*2W, w/2)
-        return self.norm(x)
+        return self.norm(x.permute(0, 1, 3, 2, 4, 5).reshape(b, 4 * H * W, -1))  # (b, 2H*2W, w/2)
 
 
 class _Forecaster(nn.Module):
     """What VMRNN-B and VMRNN-D share: input checks, the patch embedding, and the rollout.
     Set `checkpoint_steps = True` to trade compute for memory in training: each frame step of the
     rollout then keeps only its inputs, and backward recomputes it (same result, same drop path)."""
-
     def __init__(self, img_size, patch_size, in_chans, embed_dim, d_state, drop_path_rate, dropout):
         super().__init__()
         for name, value in [("in_chans", in_chans), ("embed_dim", embed_dim), ("d_state", d_state)]:
@@ -658,14 +637,13 @@ class _Forecaster(nn.Module):
         (C, h, w), many = (self.in_chans, *self.img_size), len(cells) > 1
         _require(_fits(frame, None, C, h, w), f"expected a floating-point frame of shape (b, {C}, "
                  f"{h}, {w}), got {_describe(frame)}")
-        shapes = [(frame.shape[0], *cell.state_shape) for cell in cells]
-        pairs = state if many else [state]                              # VMRNN_B: one bare pair
+        pairs, shapes = state if many else [state], [(len(frame), *c.state_shape) for c in cells]
         if state is not None and not (isinstance(pairs, (list, tuple)) and len(pairs) == len(cells)
                                       and all(isinstance(p, (list, tuple)) and len(p) == 2 and
                                               _fits(p[0], *s) and _fits(p[1], *s)
                                               for p, s in zip(pairs, shapes))):
-            raise ValueError(f"state must be None or {'per cell ' if many else ''}(h_state, c_state)"
-                             f" of shapes {shapes if many else shapes[0]} (b, l, c), got "
+            raise ValueError(f"state must be None or {'per cell ' if many else ''}(h_state, "
+                             f"c_state) of shapes {shapes if many else shapes[0]} (b, l, c), got "
                              f"{_describe(state)}")
 
     def forward(self, frames, pred_len):
@@ -673,7 +651,7 @@ class _Forecaster(nn.Module):
         frames (b, t_in, C, h, w) in [0, 1] -> (b, t_in - 1 + pred_len, C, h, w): the next-frame
         predictions for frames 1..t_in-1 (teacher-forced), then pred_len closed-loop predictions
         that start from the last observed frame and feed each prediction back in."""
-        (C, h, w) = (self.in_chans, *self.img_size)
+        C, h, w = self.in_chans, *self.img_size
         _require(_fits(frames, None, None, C, h, w) and frames.shape[1] >= 1, f"expected frames of "
                  f"shape (b, t, {C}, {h}, {w}), floating point, t >= 1, got {_describe(frames)}")
         _require(isinstance(pred_len, int) and pred_len >= 0,
@@ -693,7 +671,6 @@ class VMRNN_B(_Forecaster):
     `step(frame, state)` advances one frame: frame (b, C, h, w), state None or (h_state, c_state)
     -> (prediction of the next frame (b, C, h, w) in (0, 1), new state).
     Stochastic depth uses the same rate in every block, as the authors' code does."""
-
     def __init__(self, img_size, patch_size, in_chans, embed_dim=128, depth=6, d_state=16,
                  drop_path_rate=0.1, dropout=0.0, cell_update="code", scan_backend="auto"):
         super().__init__(img_size, patch_size, in_chans, embed_dim, d_state, drop_path_rate, dropout)
@@ -708,16 +685,13 @@ class VMRNN_B(_Forecaster):
 
 class VMRNN_D(_Forecaster):
     """VMRNN-D (Fig. 3, right): a Swin-Unet-like stack of cells, down then up, each with its state.
-
     Down level i: a cell of width c*2^i on the grid / 2^i with depths_down[i] blocks, then patch
     merging. Up level i: a cell of width c*2^(L-i) on the grid / 2^(L-i), then patch expanding.
-    depths_up is indexed like depths_down, by width: depths_up[j] is the depth of the up cell of
-    width c*2^(j+1), so the paper's (2, 6, 6, 2) is depths_down=(2, 6), depths_up=(6, 2) and the
-    two cells of width 2c both have 6 blocks (the authors' indexing, checked on their checkpoint).
+    depths_up[j] is the depth of the up cell of width c*2^(j+1) (the authors' indexing, checked on
+    their checkpoint), so the paper's (2, 6, 6, 2) is depths_down=(2, 6), depths_up=(6, 2).
     `step(frame, state)` takes and returns state as a list of (h_state, c_state), one per cell.
 
     Note: the authors' up path builds a second patch embedding that is never used; not here."""
-
     def __init__(self, img_size, patch_size, in_chans, embed_dim=128, depths_down=(2, 6),
                  depths_up=(6, 2), d_state=16, drop_path_rate=0.1, dropout=0.0, cell_update="code",
                  scan_backend="auto"):
@@ -737,18 +711,16 @@ class VMRNN_D(_Forecaster):
             # Stochastic depth: 0 -> drop_path_rate over the path's blocks, in order of width.
             rates = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
             for j in range(L) if shift == 0 else reversed(range(L)):  # j indexes depths (by width)
-                level, first = j + shift, sum(depths[:j])             # width c*2^level
-                grid = (self.grid[0] // 2 ** level, self.grid[1] // 2 ** level)
-                cells.append(VMRNNCell(embed_dim * 2 ** level, grid, depths[j],
-                                       rates[first:first + depths[j]], **cell))
-                resample.append(Resample(embed_dim * 2 ** level, grid))
+                level, first = j + shift, sum(depths[:j])
+                dim, grid = embed_dim * 2 ** level, (H // 2 ** level, W // 2 ** level)
+                cells.append(VMRNNCell(dim, grid, depths[j], rates[first:][:depths[j]], **cell))
+                resample.append(Resample(dim, grid))
 
     def step(self, frame, state=None):
         self._check_step(frame, state, [*self.down, *self.up])
         state = state or [None] * (2 * len(self.down))
         x, new_state = self.embed(frame), []             # (b, l, c)
-        cells = list(zip(self.down, self.merge)) + list(zip(self.up, self.expand))
-        for (cell, resample), s in zip(cells, state):
+        for cell, resample, s in zip([*self.down, *self.up], [*self.merge, *self.expand], state):
             x, s = cell(x, s)
             new_state.append(s)
             x = resample(x)                              # merge: (b, l/4, 2w); expand: (b, 4l, w/2)
@@ -777,8 +749,7 @@ _OFFICIAL_PREFIXES = [
     (r"^Downsample\.patch_embed\.", "embed."), (r"^Downsample\.downsample\.", "merge."),
     (r"^Downsample\.layers\.(\d+)\.VSBs\.", r"down.\1.blocks."), (r"^Upsample\.patch_embed\.", None),
     (r"^Upsample\.Unembed\.Conv_\.", "head.up."), (r"^Upsample\.Unembed\.Conv\.", "head.out."),
-    (r"^Upsample\.layers\.(\d+)\.VSBs\.", r"up.\1.blocks."), (r"^Upsample\.upsample\.", "expand."),
-]
+    (r"^Upsample\.layers\.(\d+)\.VSBs\.", r"up.\1.blocks."), (r"^Upsample\.upsample\.", "expand.")]
 _OFFICIAL_BLOCK_NAMES = [(r"\.self_attention\.", ".ss2d."), (r"\.ln_1\.", ".norm."),
                          (r"\.linear\.", ".lp.")]
 
@@ -790,17 +761,13 @@ def check_state_dict(model, state_dict):
     ours = model.state_dict()
     extra = [key for key in state_dict if key not in ours]
     bad = next((k for k in ours if getattr(state_dict.get(k), "shape", 0) != ours[k].shape), None)
-    if bad in state_dict:
-        problem = f"{bad!r} has {_describe(state_dict[bad])}, the model's {tuple(ours[bad].shape)}"
-    elif bad:
-        problem = f"key {bad!r} is missing" + (f" ({len(extra)} unexpected, the first {extra[0]!r})"
-                                                if extra else "")
-    elif extra:
-        problem = f"key {extra[0]!r} is unexpected"
-    else:
-        return
-    raise ValueError(f"the state dict does not fit this {type(model).__name__}: {problem}; check "
-                     f"the model class and its config (embed_dim, depths, patch_size)")
+    unexpected = f" ({len(extra)} unexpected, the first {extra[0]!r})" if extra else ""
+    problem = (f"{bad!r} has {_describe(state_dict[bad])}, the model's {tuple(ours[bad].shape)}"
+               if bad in state_dict else f"key {bad!r} is missing{unexpected}" if bad else
+               f"key {extra[0]!r} is unexpected" if extra else None)
+    if problem:
+        raise ValueError(f"the state dict does not fit this {type(model).__name__}: {problem}; "
+                         f"check the model class and its config (embed_dim, depths, patch_size)")
 
 
 def load_official_state_dict(model, state_dict):
