@@ -2099,11 +2099,17 @@ def test_help_shows_defaults(capsys):
         assert expected in text
 
 
-def test_default_threads(monkeypatch):
+def test_default_threads(monkeypatch, tmp_path):
     monkeypatch.setenv("OMP_NUM_THREADS", "3")
     assert train.default_threads() == 3
     monkeypatch.delenv("OMP_NUM_THREADS")
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    loadavg = tmp_path / "loadavg"
+    monkeypatch.setattr(train, "LOADAVG", str(loadavg))
+    for running, threads in [(1, 4), (2, 3), (4, 1), (9, 1)]:            # this process is one of them
+        loadavg.write_text(f"3.90 2.00 1.00 {running}/120 4567\n")
+        assert train.default_threads() == threads
+    monkeypatch.setattr(train, "LOADAVG", str(tmp_path / "missing"))        # not Linux: the load average
     for load, threads in [(0.2, 4), (1.4, 3), (2.6, 1), (9.0, 1)]:
         monkeypatch.setattr(os, "getloadavg", lambda load=load: (load, load, load))
         assert train.default_threads() == threads

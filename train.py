@@ -66,8 +66,8 @@ resumes from any folder. A new run (no --resume) in a folder that holds ckpt_las
 only a log (a run stopped before its first save) starts a clean log.csv.
 
 CPU threads: --threads, default $OMP_NUM_THREADS if set, else the cores this process may use (sched_getaffinity)
-minus the busy ones (the 1-minute load average), at least 1 (default_threads()); saved with the run, so a resumed
-run computes with the same count.
+minus those other processes keep busy right now (runnable tasks in /proc/loadavg), at least 1 (default_threads());
+saved with the run, so a resumed run computes with the same count.
 
 Speed options. On a GPU the selective scan runs eagerly with long chunks and few slabs (vmrnn._slab_sizes).
 --scan-compile {auto,on,off}: torch.compile the selective scan only (vmrnn.set_scan_compile; auto = on CUDA only);
@@ -204,7 +204,7 @@ def build_parser():
     g = p.add_argument_group("speed")
     g.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda if available, else cpu)")
     g.add_argument("--threads", type=int, metavar="N", help="CPU threads for torch (default: $OMP_NUM_THREADS, else "
-                   "the cores not already busy by the load average, at least 1)")
+                   "the cores not busy with other processes now, at least 1)")
     g.add_argument("--num-workers", type=int, default=4, metavar="N",
                    help="data-loading processes (0 = load in this one)")
     g.add_argument("--scan-compile", choices=["auto", "on", "off"], default="off",
@@ -362,14 +362,31 @@ def check_ranges(cfg, parser):
 
 def default_threads():
     """CPU threads for torch: $OMP_NUM_THREADS if set, else the cores this process may run on (sched_getaffinity)
-    minus those already busy (the 1-minute load average, rounded), at least 1. Oversubscribed cores make a step
-    many times slower, so under load fewer threads are faster."""
+    minus those other processes keep busy (busy_cores), at least 1. Oversubscribed cores make a step many times
+    slower, so under load fewer threads are faster."""
     env = os.environ.get("OMP_NUM_THREADS", "")
     if env.isdigit() and int(env) > 0:
         return int(env)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    busy = math.floor(os.getloadavg()[0] + 0.5) if hasattr(os, "getloadavg") else 0
-    return max(1, cores - busy)
+    return max(1, cores - busy_cores())
+
+
+LOADAVG = "/proc/loadavg"               # its 4th field: runnable tasks now / all tasks
+
+
+def busy_cores(samples=5):
+    """Tasks of other processes running now: the median of `samples` reads of LOADAVG, 10 ms apart, less this one.
+    Where it cannot be read (not Linux), the rounded 1-minute load average, which lags: it still counts a process
+    that ended a minute ago."""
+    try:
+        counts = []
+        for _ in range(samples):
+            with open(LOADAVG) as f:
+                counts.append(int(f.read().split()[3].split("/")[0]) - 1)
+            time.sleep(0.01)
+        return sorted(counts)[len(counts) // 2]
+    except (OSError, ValueError, IndexError):
+        return math.floor(os.getloadavg()[0] + 0.5) if hasattr(os, "getloadavg") else 0
 
 
 def first_line(error):
