@@ -22,7 +22,8 @@ Sections:
   train  The three Table 1 models: training step per path (eager scan, eager scan + CUDA graphs, kernel,
          kernel + CUDA graphs, then the opt-in compiled scan with and without graphs; whatever runs here), with
          s/step, peak memory, warm-up time and the first three losses; activation checkpointing for KTH;
-         inference throughput; on CUDA the projected wall time of each paper protocol. CUDA: the paper's batch sizes and rollouts. CPU: batch 1, and KTH's
+         inference throughput; on CUDA the projected wall time of each paper protocol. CUDA: the paper's batch
+         sizes and rollouts. CPU: batch 1, and KTH's
          training step 10 -> 2 (its 10 -> 20 step at batch 1 outgrew a 24 GB machine). (It replaces the old
          "models" section; --only models still selects it.)
   data   Moving MNIST generation speed, training sequences/s on one CPU core.
@@ -307,8 +308,8 @@ def bench_scan(device, quick, cases, scan_compile):
     for note in notes:
         print(note, flush=True)
     if scan_compile != "on":
-        print("(compiled scan: not run on CPU, where compiling costs about 30 s per shape; "
-              "--scan-compile on adds it)", flush=True)
+        print("(compiled scan: not run on CPU, where a new scan shape took 12-37 s to compile forward and "
+              "29-127 s backward; --scan-compile on adds it)", flush=True)
 
 
 def bench_scan_paths(device, quick, cases, scan_compile):
@@ -736,7 +737,8 @@ def main(argv=None):
                              "mmnist kth)")
     parser.add_argument("--scan-compile", choices=["auto", "on", "off"], default="auto",
                         help="add the compiled-scan paths (vmrnn.set_scan_compile): auto (default) = on CUDA "
-                             "only (compiling on a CPU takes about 30 s per shape)")
+                             "only (on a 2-core CPU a new scan shape took 12-37 s to compile forward and "
+                             "29-127 s backward)")
     parser.add_argument("--budget-s", type=float, default=None,
                         help="start no new case after this many seconds (default: 420 on CUDA, none on CPU)")
     args = parser.parse_args(argv)

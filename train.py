@@ -71,14 +71,14 @@ saved with the run, so a resumed run computes with the same count.
 
 Speed options. On a GPU the selective scan runs eagerly with long chunks and few slabs (vmrnn._slab_sizes).
 --scan-compile {auto,on,off}: torch.compile the selective scan only (vmrnn.set_scan_compile; auto = on CUDA only);
-default off, because its compile time has not been measured on a GPU yet (on a 2-core CPU it took 30-130 s per
-scan shape). --compile is an alias of --scan-compile on (whole-model torch.compile was removed: it gave no step
-within 240 s on a GPU). --checkpoint-steps: activation
-checkpointing per frame step (model.checkpoint_steps), trading compute for memory. --cuda-graphs (opt-in, CUDA,
-one process, amp none or bf16): forward + backward captured in a CUDA graph, see make_train_step; UNVERIFIED on a
-GPU so far. Progress: a line after the first step, then every --log-every steps or --log-seconds seconds,
-whichever comes first (step/total, loss, lr, s/step, sequences/s, peak GPU memory on CUDA, ETA of the run); an
-evaluation reports its progress every --log-seconds too.
+default off, because its compile time has not been measured on a GPU yet (on a 2-core CPU a new scan shape took
+12-37 s forward and 29-127 s backward). --compile is an alias of --scan-compile on (whole-model torch.compile was
+removed: it gave no step within 240 s on a GPU). --checkpoint-steps: activation checkpointing per frame step
+(model.checkpoint_steps), trading compute for memory. --cuda-graphs (opt-in, CUDA, one process, amp none or bf16):
+forward + backward captured in a CUDA graph, see make_train_step; UNVERIFIED on a GPU so far.
+Progress: a line after the first step, then every --log-every steps or --log-seconds seconds, whichever comes
+first (step/total, loss, lr, s/step, sequences/s, peak GPU memory on CUDA, ETA of the run); an evaluation reports
+its progress every --log-seconds too.
 
 Run folder (--out): ckpt_last.pt and ckpt_best.pt (best validation MSE); log.csv (one row per log line and per
 evaluation; an eval row carries the epoch whose training it follows; time_s continues across resumes);
@@ -277,8 +277,10 @@ def parse_args(argv=None):
     if cfg["data"] is None:
         parser.error("--data is required")
     cfg["device"] = check_device(cfg["device"] or ("cuda" if torch.cuda.is_available() else "cpu"), parser)
-    if cfg["amp"] is None and not cfg["device"].startswith("cuda"):
-        cfg["amp"] = "none"                             # autocast is a GPU speed-up; CPU runs in fp32
+    if not cfg["device"].startswith("cuda"):            # also a GPU run resumed on CPU: its GPU options go
+        if "amp" not in given and cfg["amp"] in (None, "fp16"):
+            cfg["amp"] = "none"                         # autocast is a GPU speed-up; CPU runs in fp32
+        cfg["cuda_graphs"] = cfg["cuda_graphs"] and "cuda_graphs" in given
     for key, value in PRESETS[cfg["data"]].items():
         if cfg[key] is None:
             cfg[key] = value
@@ -368,7 +370,8 @@ def default_threads():
     if env.isdigit() and int(env) > 0:
         return int(env)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, cores - busy_cores())
+    elsewhere = max(0, (os.cpu_count() or cores) - cores)   # cores we may not use take other work first
+    return max(1, cores - max(0, busy_cores() - elsewhere))
 
 
 LOADAVG = "/proc/loadavg"               # its 4th field: runnable tasks now / all tasks
@@ -747,7 +750,8 @@ def make_train_step(model, optimizer, scaler, ctx, cfg, t_in, t_out):
         static = frames.clone()                                   # the graph's input: copy each batch into it
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
+        rng = torch.random.fork_rng(devices=[static.device] if static.is_cuda else [])  # resume stays exact
+        with torch.cuda.stream(side), rng:
             for _ in range(3):                                    # warm-up: lazy init, kernel choice, workspaces
                 rollout_loss(static).backward()
         torch.cuda.current_stream().wait_stream(side)
@@ -759,12 +763,14 @@ def make_train_step(model, optimizer, scaler, ctx, cfg, t_in, t_out):
         graph = new_graph
 
     def graphed(frames):
+        nonlocal graph, static, static_loss
         if graphed.path == "not captured yet":
             try:
                 capture(frames)
                 graphed.path = "cuda graph"
             except Exception as e:                                # any capture failure: eager from now on
                 graphed.path = "eager (capture failed)"
+                graph = static = static_loss = None               # free a half-captured rollout's activations
                 optimizer.zero_grad(set_to_none=True)
                 print(f"warning: CUDA graph capture failed ({type(e).__name__}: {first_line(e)}); training "
                       f"eagerly", file=sys.stderr)

@@ -87,6 +87,7 @@ def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta
         B, C: (b, g, n, l), group k shared by channels k*d/g .. (k+1)*d/g - 1; or (b, n, l), g = 1
     Returns y (b, d, l) [and h_l (b, d, n) if return_last_state], computed and returned in
     float32 whatever the input dtype (float64 if an input is float64)."""
+    _check_scan_args(u, delta, A, B, C, D, z, delta_bias)
     u, delta, A, B, C = _prepare_scan(u, delta, A, B, C, delta_bias, delta_softplus)
     b, d, l = u.shape
     B, C = (v.repeat_interleave(d // v.shape[1], dim=1) for v in (B, C))    # (b, d, n, l)
@@ -255,6 +256,7 @@ def selective_scan_torch(u, delta, A, B, C, D=None, z=None, delta_bias=None, del
     Same signature, shapes and result as `selective_scan_ref` (up to float32 rounding); any
     device, eager or compiled (`set_scan_compile`). Returns float32 even under autocast; gradients
     reach the inputs in their own dtype, and from the last state too (`_SelectiveScanFn`)."""
+    _check_scan_args(u, delta, A, B, C, D, z, delta_bias)
     with torch.autocast(u.device.type, enabled=False):
         u, delta, A, B, C = _prepare_scan(u, delta, A, B, C, delta_bias, delta_softplus)
         y, last_state = _SelectiveScanFn.apply(u, delta, A, B, C)           # eq (4), (2a), (2b)
@@ -278,8 +280,8 @@ def last_scan_backend():
 def set_scan_compile(mode):
     """Whether the PyTorch scan runs its slab functions through torch.compile: "off" (default)
     never, "auto" for CUDA tensors, "on" on any device (a CPU needs a C++ compiler). Off by
-    default: compiling takes up to minutes per scan shape on a CPU, and is not yet measured on a
-    GPU. Where it cannot compile (no Triton or C++ compiler, MPS, an old torch) it runs eager."""
+    default: on a 2-core CPU a new scan shape took 12-37 s to compile forward and 29-127 s
+    backward; not yet measured on a GPU. Where it cannot compile (no Triton or C++ compiler, MPS, an old torch) it runs eager."""
     global _scan_compile
     if mode not in ("auto", "on", "off"):
         raise ValueError(f"set_scan_compile: mode must be 'auto', 'on' or 'off', not {mode!r}")
@@ -300,13 +302,15 @@ def _run_slab(fn, work, *args):
             if fn not in _compiled:
                 _compiled[fn] = torch.compile(fn, dynamic=False, fullgraph=True)
             args = [t.clone() for t in args[:-1]] + [args[-1]]
-            for t in args[:-1]:
+            for t in (t for t in args[:-1] if t.dim() != 3):  # not A (g, d/g, n): no batch axis
                 torch._dynamo.maybe_mark_dynamic(t, 1 if t.dim() == 5 else 0)
             with torch._dynamo.config.patch(recompile_limit=64):  # a graph per scan shape, not 8
                 out = _compiled[fn](*args)
             _last_backend = "torch-compiled"
             return out
         except Exception as error:  # torch, Triton or the C++ compiler: any failure means eager
+            if isinstance(error, torch.cuda.OutOfMemoryError):          # not a compile failure
+                raise
             _compile_error = f"{type(error).__name__}: {(str(error) or '?').splitlines()[0]}"
             warnings.warn(f"torch.compile cannot compile the selective scan on {args[0].device} "
                           f"({_compile_error}); using the eager scan", RuntimeWarning, stacklevel=2)
@@ -316,6 +320,7 @@ def _run_slab(fn, work, *args):
 def _mamba_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
                 return_last_state=False):
     """mamba-ssm's `selective_scan_fn` on float32 copies, so it returns float32 like the others."""
+    _check_scan_args(u, delta, A, B, C, D, z, delta_bias)
     f32 = [t if t is None else t.float() for t in (u, delta, A, B, C, D, z, delta_bias)]
     with torch.autocast(u.device.type, enabled=False):
         return _mamba_scan_fn(*f32, delta_softplus, return_last_state)
@@ -356,14 +361,14 @@ def _require(ok, message):
 
 
 def _check_scan_args(u, delta, A, B, C, D, z, delta_bias):
-    """Shapes and dtypes only (no data is read), so that no backend answers a malformed call."""
+    """Shapes and dtypes only (no data is read); every backend starts with it."""
     def fail(name, t, expected):
         raise ValueError(f"selective_scan: {name} has {_describe(t)}, expected {expected}")
-    if not _fits(u, None, None, None) or u.shape[2] < 1:
-        fail("u", u, "a floating-point (b, d, l) tensor with l >= 1")
+    if not _fits(u, None, None, None) or min(u.shape) < 1:
+        fail("u", u, "a floating-point (b, d, l) tensor with b, d, l >= 1")
     b, d, l = u.shape
-    if not _fits(A, d, None):
-        fail("A", A, f"a real floating-point (d, n) tensor with d = {d}")
+    if not _fits(A, d, None) or A.shape[1] < 1:
+        fail("A", A, f"a real floating-point (d, n) tensor with d = {d}, n >= 1")
     n = A.shape[1]
     g = B.shape[1] if _fits(B, b, None, n, l) else 1
     for name, t, shape in [("delta", delta, (b, d, l)), ("z", z, (b, d, l)), ("D", D, (d,)),
@@ -385,7 +390,6 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     "mamba" the kernel, or a RuntimeError when it cannot run. `last_scan_backend()` tells which
     ran. The kernel does not back-propagate into the returned last state; the others do."""
     global _last_backend
-    _check_scan_args(u, delta, A, B, C, D, z, delta_bias)
     if backend in ("auto", "mamba"):
         kernel_ok = u.device.type == _KERNEL_DEVICE_TYPE and _mamba_kernel_works(u.device)
         if backend == "mamba" and not kernel_ok:
