@@ -1,6 +1,6 @@
 """Tests for vmrnn: the scan, the model (against the authors' fixtures), data, training, README.
 
-Run: python -m pytest -q test_vmrnn.py   (CPU, offline; about 30 s on 2 cores)
+Run: python -m pytest -q test_vmrnn.py   (CPU, offline; about 50 s on 2 cores, 80 s with a cold compile cache)
 Tests that need ../shared (the authors' fixtures, real MNIST digits) skip with a reason without it.
 """
 
