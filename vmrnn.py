@@ -219,7 +219,8 @@ class _SelectiveScanFn(torch.autograd.Function):
         work = _workspace(u, [S, S], b, g, d // g, n)                       # (S, b, g, d/g, n) x 2
         for sl in (slice(s0, s0 + S) for s0 in range(0, L, S)):
             y, last = _run_slab(_scan_slab, work, dt[sl], dtu[sl], A, Bt[sl], Ct[sl], states[-1], T)
-            ys, states = ys + [y], states + [last]
+            ys.append(y)
+            states.append(last)
         ctx.save_for_backward(u, delta, A, B, C, torch.stack(states[:-1]))
         ctx.sizes = T, S, L
         y = torch.cat(ys)[:l].flatten(1).t().contiguous().view(b, d, l)     # (b, d, l)
@@ -280,8 +281,9 @@ def last_scan_backend():
 def set_scan_compile(mode):
     """Whether the PyTorch scan runs its slab functions through torch.compile: "off" (default)
     never, "auto" for CUDA tensors, "on" on any device (a CPU needs a C++ compiler). Off by
-    default: on a 2-core CPU a new scan shape took 12-37 s to compile forward and 29-127 s
-    backward; not yet measured on a GPU. Where it cannot compile (no Triton or C++ compiler, MPS, an old torch) it runs eager."""
+    default: on a 2-core CPU a new scan shape took 12-37 s to compile forward, 29-127 s backward;
+    not measured on a GPU yet. Where it cannot compile (no Triton or C++ compiler, MPS, an old
+    torch) the scan runs eager."""
     global _scan_compile
     if mode not in ("auto", "on", "off"):
         raise ValueError(f"set_scan_compile: mode must be 'auto', 'on' or 'off', not {mode!r}")
