@@ -1,13 +1,12 @@
-"""VMRNN in one file: Vision Mamba + LSTM for spatiotemporal forecasting. It implements
-    Tang, Dong, Tang, Chu, Liang. "VMRNN: Integrating Vision Mamba and LSTM for Efficient and
-    Accurate Spatiotemporal Forecasting", CVPR Workshops 2024.  https://arxiv.org/abs/2403.16536
-built on VMamba's SS2D ("v0", Liu et al. 2024, https://arxiv.org/abs/2401.10166) and Mamba's
-selective scan (S6, Gu & Dao 2023, https://arxiv.org/abs/2312.00752). It computes the same function
-as the authors' code (github.com/yyyujintang/VMRNN-PyTorch) and loads their weights
-(`load_official_state_dict`), but needs no CUDA extension: the scan is plain PyTorch, and the
-mamba-ssm kernel is used only if it is installed and the tensors are on a GPU.
+"""VMRNN in one file: Vision Mamba + LSTM for spatiotemporal forecasting. It implements Tang, Dong,
+Tang, Chu, Liang, "VMRNN: Integrating Vision Mamba and LSTM for Efficient and Accurate Spatiotemporal
+Forecasting", CVPR Workshops 2024 (https://arxiv.org/abs/2403.16536), built on VMamba's SS2D ("v0",
+https://arxiv.org/abs/2401.10166) and Mamba's selective scan (S6, https://arxiv.org/abs/2312.00752).
+It computes the same function as the authors' code (github.com/yyyujintang/VMRNN-PyTorch) and loads
+their weights, but needs no CUDA extension: the scan is plain PyTorch (torch >= 2.4); the mamba-ssm
+kernel is used only if it is installed and the tensors are on a GPU.
 
-Contents, in the order the paper builds the model (bottom-up):
+Contents, in the order the paper builds the model (bottom-up), then how the scan is made fast:
     1. Selective scan (S6)        Mamba Alg. 2, VMRNN Fig. 2(c), Eq. (8)   selective_scan
     2. Cross-scan / cross-merge   VMRNN Eqs. (7), (9)                      cross_scan, cross_merge
     3. SS2D                       VMRNN Fig. 2(c)                          SS2D
@@ -15,6 +14,7 @@ Contents, in the order the paper builds the model (bottom-up):
     5. VMRNN cell                 VMRNN Eqs. (4)-(6), Fig. 2(a)            VMRNNCell
     6. VMRNN-B and VMRNN-D        VMRNN Fig. 3, Table 1                    VMRNN_B, VMRNN_D, paper_model
     7. Loading the authors' weights                                         load_official_state_dict
+    8. The fast scan (chunks, slabs, backward, one op)                      scan_forward/backward
 
 Glossary of axis letters (used in every shape comment):
     b   batch                     t   frame index of a sequence
@@ -23,6 +23,7 @@ Glossary of axis letters (used in every shape comment):
     n   SSM state size (d_state)  k   = 4 scan directions
     r   rank of the step-size projection (dt_rank = ceil(c / 16))
     g   groups of channels that share the SSM's B and C (g = k in SS2D)
+    S T the scan's slab and chunk lengths, in time steps (section 8)
 
 Letter clashes: the SSM's matrices A, B, C, D are always written as SSM parameters (`A`, `B`, `C`,
 `D`) and never mean batch or channels; the LSTM-style cell state and hidden state are `c_state`,
@@ -39,6 +40,7 @@ import warnings
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 try:  # optional CUDA kernel (state-spaces/mamba); everything below also runs without it
@@ -48,16 +50,16 @@ except ImportError:
 
 
 # 1. Selective scan (S6): Mamba Alg. 2, VMRNN Fig. 2(c), Eq. (8) -----------------------------------
-# Tags refer to the Mamba paper (Gu & Dao 2023): eq (2a) h_t = A_bar h_{t-1} + B_bar x_t, eq (2b)
-# y_t = C h_t, eq (4) A_bar = exp(delta A) (zero-order hold); Alg. 2 line 4: delta = softplus(
-# parameter + s_delta(x)). As in Mamba's code, B_bar = delta B (Euler) and the SSM input x_t is
-# called u (x is the state update). One signature, three implementations, which `selective_scan`
-# picks from: the loop (the reference), the chunked parallel scan (default), the CUDA kernel.
-
-
-def _prepare_scan(u, delta, A, B, C, delta_bias, delta_softplus):
-    """What every scan does first: compute in float32 like the CUDA kernel (float64 if an input is,
-    for the tests' oracle), delta = softplus(delta + bias), and B, C grouped (b, g, n, l)."""
+# Tags refer to the Mamba paper: eq (2a) h_t = A_bar h_{t-1} + B_bar x_t, eq (2b) y_t = C h_t,
+# eq (4) A_bar = exp(delta A) (zero-order hold); Alg. 2 line 4: delta = softplus(parameter +
+# s_delta(x)). As in Mamba's code, B_bar = delta B (Euler) and the SSM input x_t is called u. Three
+# implementations of one signature: the loop (the reference), the parallel scan (default, section
+# 8), the mamba-ssm kernel; like its `selective_scan_fn`, each computes in float32 and returns y in
+# the dtype of u, the last state in float32.
+def _prepare_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus):
+    """What every scan does first: check the inputs, cast to float32 like the CUDA kernel (float64 if
+    an input is, for the tests' oracle), delta = softplus(delta + bias), B, C grouped (b, g, n, l)."""
+    _check_scan_args(u, delta, A, B, C, D, z, delta_bias)
     dtype = torch.float64 if torch.float64 in (t.dtype for t in (u, delta, A, B, C)) else torch.float32
     u, delta, A, B, C = (t.to(dtype) for t in (u, delta, A, B, C))
     if delta_bias is not None:
@@ -85,10 +87,10 @@ def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta
     Shapes follow `mamba_ssm.ops.selective_scan_interface.selective_scan_fn`:
         u, delta, z: (b, d, l); A: (d, n), real, negative; D, delta_bias: (d,)
         B, C: (b, g, n, l), group k shared by channels k*d/g .. (k+1)*d/g - 1; or (b, n, l), g = 1
-    Returns y (b, d, l) [and h_l (b, d, n) if return_last_state], computed and returned in
-    float32 whatever the input dtype (float64 if an input is float64)."""
-    _check_scan_args(u, delta, A, B, C, D, z, delta_bias)
-    u, delta, A, B, C = _prepare_scan(u, delta, A, B, C, delta_bias, delta_softplus)
+    Returns y (b, d, l) in the dtype of u [and h_l (b, d, n) in float32 if return_last_state],
+    computed in float32 whatever the inputs' dtype (float64 if an input is float64)."""
+    dtype = u.dtype
+    u, delta, A, B, C = _prepare_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
     b, d, l = u.shape
     B, C = (v.repeat_interleave(d // v.shape[1], dim=1) for v in (B, C))    # (b, d, n, l)
     deltaA = torch.exp(torch.einsum("bdl,dn->bdln", delta, A))              # eq (4)
@@ -97,316 +99,53 @@ def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta
     for dA_t, dBu_t, C_t in zip(deltaA.unbind(2), deltaB_u.unbind(2), C.unbind(3)):
         h = dA_t * h + dBu_t                                                # eq (2a)
         ys.append((h * C_t).sum(-1))                                        # eq (2b), (b, d)
-    y = _skip_and_gate(torch.stack(ys, dim=-1), u, D, z)                    # (b, d, l)
+    y = _skip_and_gate(torch.stack(ys, dim=-1), u, D, z).to(dtype)          # (b, d, l)
     return (y, h) if return_last_state else y
-
-
-_CHUNK, _SLAB_ELEMENTS = 8, 2 ** 21             # CPU: T, and state elements in a slab (8 MB)
-_GPU_CHUNK, _GPU_SLAB_ELEMENTS = 32, 2 ** 23    # elsewhere: T, and elements per slab and sample
-_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", lambda: False)
-
-
-def _slab_sizes(device, b, dn, l):
-    """(T, S): time steps per chunk and per slab of the parallel scan, for b samples of d*n states.
-    A CPU gets cache-sized slabs. On a GPU each op is a kernel launch, so chunks are long and slabs
-    few: 2^23 state elements per sample (256 MB per slab temporary at b = 8, d*n = 16384; forward
-    holds two, backward three), independent of b, so the batch size never changes S or a graph."""
-    T, chunks = ((_CHUNK, _SLAB_ELEMENTS // (_CHUNK * b * dn)) if device.type == "cpu" else
-                 (_GPU_CHUNK, _GPU_SLAB_ELEMENTS // (_GPU_CHUNK * dn)))
-    return T, T * max(1, min(chunks, math.ceil(l / T)))
-
-
-def _chunked_linear_scan(a, x, h0, chunk, reverse=False):
-    """Scan h_t = a_t h_{t-1} + x_t along dim 0 from h_{-1} = h0, in place: x becomes h.
-
-    a, x: (S, ...) with S a multiple of `chunk`, a_t in [0, 1]; h0: (...). With reverse=True time
-    runs backwards, h_t = a_t h_{t+1} + x_t from h_S = h0. Returns the last state computed.
-
-    Why this equals the loop: T steps of the recurrence compose to the affine map
-    h -> (a_T ... a_1) h + e, where e is what the T steps produce from a zero state. So
-    (1) scan all S/T chunks at once from zero (one op per position in the chunk), which gives
-    every chunk's e and, as a product, its decay; (2) chain these maps chunk after chunk to get
-    each chunk's true start state; (3) rescan all chunks at once from their start states. Only
-    products of numbers in [0, 1] are formed, never a division by a cumulative decay nor the
-    exponential of a cumulative sum, so it is exact at any step size (underflow to 0 is the limit).
-    """
-    nc = x.shape[0] // chunk
-    a, x = a.view(nc, chunk, *a.shape[1:]), x.view(nc, chunk, *x.shape[1:])  # (nc, T, ...)
-    at, xt = a.unbind(1), x.unbind(1)                                       # T views (nc, ...)
-    steps, chunks = (range(chunk)[::-1], range(nc)[::-1]) if reverse else (range(chunk), range(nc))
-    start = torch.empty_like(xt[0])                                         # (nc, ...)
-    start[chunks[0]] = h0
-    if nc > 1:  # (1) every chunk from a zero state, all at once: its end state e and its decay
-        end = xt[steps[0]].clone()                                          # (nc, ...)
-        for t in steps[1:]:
-            torch.addcmul(xt[t], at[t], end, out=end)                       # eq (2a)
-        e, decay = end.unbind(0), a.prod(dim=1).unbind(0)                   # nc views (...) each
-        # (2) chain the chunks: start_c = decay_{c-1} start_{c-1} + e_{c-1}
-        for prev, c in zip(chunks, chunks[1:]):
-            torch.addcmul(e[prev], decay[prev], start[prev], out=start[c])  # eq (2a), per chunk
-    # (3) rescan every chunk from its start state, all at once, in place. Note: compiled, new
-    # tensors stacked into x once instead: Inductor fuses those, not step-by-step writes into x.
-    h, hs = start, [None] * chunk
-    for t in steps:
-        h = hs[t] = torch.addcmul(xt[t], at[t], h) if _compiling() else xt[t].addcmul_(at[t], h)
-    if _compiling():
-        x.copy_(torch.stack(hs, 1))
-    return h[chunks[-1]].clone()
-
-
-def _time_major(v, L, *shape):
-    """(b, ..., l) -> (L, *shape): time first, zero-padded to L steps."""
-    v = v.reshape(-1, v.shape[-1])                                          # (b ..., l)
-    v = F.pad(v, (0, L - v.shape[-1])) if L > v.shape[-1] else v            # (b ..., L)
-    return v.t().contiguous().view(L, *shape)                               # (L, b, ...)
-
-
-def _scan_slab(dt, dtu, A, Bt, Ct, h0, T, work=(None, None)):
-    """The forward over one slab of S steps from the state h0 (b, g, d/g, n) before it. dt, dtu:
-    delta, delta*u (S, b, g, d/g, 1); A (g, d/g, n); Bt, Ct (S, b, g, 1, n) -> y (S, b, g, d/g),
-    h at the slab's end (b, g, d/g, n). `work`: two (S, b, g, d/g, n) buffers, or new ones."""
-    a = torch.mul(dt, A, out=work[0]).exp_()                                # eq (4)
-    h = torch.mul(dtu, Bt, out=work[1])                                     # x_t = delta_t B_t u_t
-    last = _chunked_linear_scan(a, h, h0, T)                                # eq (2a), x -> h
-    return h.mul_(Ct).sum(-1), last                                         # eq (2b)
-
-
-def _adjoint_slab(dt, dtu, A, Bt, Ct, gyt, h0, carry, T, work=(None, None, None)):
-    """The backward over one slab (`_SelectiveScanFn.backward`) from the state h0 before it and
-    the adjoint `carry` after it; dt has S + 1 steps (a_{t+1}), gyt is like dtu, the rest as in
-    `_scan_slab`. -> the adjoint before the slab, d(delta u) and sum_n q A (S, b, g, d/g), dB and
-    dC (S, b, g, n), and this slab's part of dA (g, d/g, n). `work`: a, h, gh buffers, or new."""
-    (S, b, g, e, _), n = dtu.shape, h0.shape[-1]
-    a = torch.mul(dt, A, out=work[0]).exp_()                                # a_t, s0 <= t <= s0+S
-    h = h0.new_empty(S + 1, b, g, e, n) if work[1] is None else work[1]     # h_t, s0-1 <= t < s0+S
-    h[0] = h0
-    torch.mul(dtu, Bt, out=h[1:])                                           # x_t = delta_t B_t u_t
-    _chunked_linear_scan(a[:S], h[1:], h0, T)                               # eq (2a), recomputed
-    gh = torch.mul(gyt, Ct, out=work[2])                                    # C_t gy_t
-    carry = _chunked_linear_scan(a[1:], gh, carry, T, reverse=True)         # adjoint of eq (2a)
-    gC = torch.bmm(gyt.view(-1, 1, e), h[1:].view(-1, e, n)).view(S, b, g, n)      # dC
-    gB = torch.bmm(dtu.view(-1, 1, e), gh.view(-1, e, n)).view(S, b, g, n)         # dB
-    ah = a[:S].mul_(h[:S])                                                  # a_t h_{t-1}
-    scratch = h[1:]                                                         # h_t is used up
-    g_dtu = torch.mul(gh, Bt, out=scratch).sum(4)                           # d(delta u)
-    q = gh.mul_(ah)                                                         # q_t = gh_t a_t h_{t-1}
-    g_dtA = torch.mul(q, A, out=scratch).sum(4)                             # via a_t = exp(dt_t A)
-    return carry, g_dtu, g_dtA, gB, gC, torch.mul(q, dt[:S], out=scratch).sum((0, 1))  # ..., dA
-
-
-class _SelectiveScanFn(torch.autograd.Function):
-    """(y, h_l) of eq (4), (2a), (2b) from h_0 = 0. u, delta (b, d, l), delta after softplus; A
-    (d, n); B, C (b, g, n, l). Time is padded with delta = 0 (a = 1, x = 0) to whole slabs of S
-    steps, each cut into chunks of T steps (`_slab_sizes`, `_chunked_linear_scan`). Saved: the
-    inputs and the state at each slab start; backward recomputes the states slab by slab, so
-    memory is O(b d l) plus one slab's (S, b, g, d/g, n) temporaries, never (b, d, l, n) states."""
-    @staticmethod
-    def layouts(u, delta, B, C, L):
-        """delta (L+1, b, g, d/g, 1) (one step more: backward needs a_{t+1}), delta*u
-        (L, b, g, d/g, 1), B and C (L, b, g, 1, n): time-major, channels in their B/C groups."""
-        (b, d, _), (g, n) = u.shape, B.shape[1:3]
-        return (_time_major(delta, L + 1, b, g, d // g, 1), _time_major(delta * u, L, b, g, d // g, 1),
-                _time_major(B, L, b, g, 1, n), _time_major(C, L, b, g, 1, n))
-
-    @staticmethod
-    def forward(ctx, u, delta, A, B, C):
-        (b, d, l), (g, n) = u.shape, B.shape[1:3]
-        T, S = _slab_sizes(u.device, b, d * n, l)
-        L = S * math.ceil(l / S)                                            # padded length
-        A = A.reshape(g, d // g, n)                                         # (g, d/g, n)
-        dt, dtu, Bt, Ct = _SelectiveScanFn.layouts(u, delta, B, C, L)       # time-major
-        states, ys = [u.new_zeros(b, g, d // g, n)], []                     # h before each slab
-        work = _workspace(u, [S, S], b, g, d // g, n)                       # (S, b, g, d/g, n) x 2
-        for sl in (slice(s0, s0 + S) for s0 in range(0, L, S)):
-            y, last = _run_slab(_scan_slab, work, dt[sl], dtu[sl], A, Bt[sl], Ct[sl], states[-1], T)
-            ys.append(y)
-            states.append(last)
-        ctx.save_for_backward(u, delta, A, B, C, torch.stack(states[:-1]))
-        ctx.sizes = T, S, L
-        y = torch.cat(ys)[:l].flatten(1).t().contiguous().view(b, d, l)     # (b, d, l)
-        return y, states[-1].view(b, d, n)
-
-    @staticmethod
-    def backward(ctx, gy, g_last):
-        """The adjoint gh_t = dLoss/dh_t runs the same recurrence backwards in time,
-            gh_t = a_{t+1} gh_{t+1} + C_t gy_t,  gh_l = g_last,
-        and with q_t = gh_t a_t h_{t-1} (a_t = exp(delta_t A), x_t = delta_t B_t u_t):
-            dC_t = sum_(d in group) gy_t h_t          dB_t = sum_(d in group) gh_t delta_t u_t
-            du_t = delta_t sum_n gh_t B_t             ddelta_t = u_t sum_n gh_t B_t + sum_n q_t A
-            dA = sum_(b, t) q_t delta_t"""
-        u, delta, A, B, C, states = ctx.saved_tensors
-        (T, S, L), (b, d, l), (g, n) = ctx.sizes, u.shape, B.shape[1:3]
-        dt, dtu, Bt, Ct = _SelectiveScanFn.layouts(u, delta, B, C, L)       # time-major
-        gyt = _time_major(gy, L, b, g, d // g, 1)                           # (L, b, g, d/g, 1)
-        carry, grads = g_last.reshape(b, g, d // g, n), []                  # gh just after a slab
-        work = _workspace(u, [S + 1, S + 1, S], b, g, d // g, n)            # a, h, gh
-        for k, s0 in reversed(list(enumerate(range(0, L, S)))):
-            sl = slice(s0, s0 + S)
-            carry, *g_slab = _run_slab(_adjoint_slab, work, dt[s0:s0 + S + 1], dtu[sl], A,
-                                       Bt[sl], Ct[sl], gyt[sl], states[k], carry, T)
-            grads.insert(0, g_slab)
-        g_dtu, g_dtA, gB, gC = (torch.cat(v)[:l].flatten(1).t().contiguous().view(shape) for
-                                v, shape in zip(zip(*grads), [u.shape] * 2 + [B.shape] * 2))
-        gA = sum(g_slab[4] for g_slab in grads).view(d, n)                  # (d, n)
-        return g_dtu * delta, g_dtu * u + g_dtA, gA, gB, gC     # (b, d, l) x 2, (b, g, n, l) x 2
 
 
 def selective_scan_torch(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
                          return_last_state=False):
-    """The selective scan in pure PyTorch, parallel over chunks of time: the default backend.
-    Same signature, shapes and result as `selective_scan_ref` (up to float32 rounding); any
-    device, eager or compiled (`set_scan_compile`). Returns float32 even under autocast; gradients
-    reach the inputs in their own dtype, and from the last state too (`_SelectiveScanFn`)."""
-    _check_scan_args(u, delta, A, B, C, D, z, delta_bias)
-    with torch.autocast(u.device.type, enabled=False):
-        u, delta, A, B, C = _prepare_scan(u, delta, A, B, C, delta_bias, delta_softplus)
-        y, last_state = _SelectiveScanFn.apply(u, delta, A, B, C)           # eq (4), (2a), (2b)
-        y = _skip_and_gate(y, u, D, z)                                      # (b, d, l)
+    """The selective scan in pure PyTorch, parallel over chunks of time: the default backend, on any
+    device. Same signature, shapes, dtypes and result as `selective_scan_ref` (up to rounding); the
+    scan is one op, `vmrnn::selective_scan` (section 8), with a hand-written backward."""
+    x = _prepare_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+    y, last_state, _ = _scan_op(*x)                                         # eq (4), (2a), (2b)
+    y = _skip_and_gate(y, x[0], D, z).to(u.dtype)                           # (b, d, l)
     return (y, last_state) if return_last_state else y
-
-
-# Backend choice: the kernel and torch.compile are each tried once; a failure warns, falls back.
-_KERNEL_DEVICE_TYPE = "cuda"    # the only device type the mamba-ssm kernel runs on
-_mamba_works = None             # None until probed, then True or False
-_last_backend = None            # what the last selective_scan ran (see last_scan_backend)
-_scan_compile = "off"           # see set_scan_compile
-_compiled, _compile_error = {}, None  # slab function -> its torch.compile'd form; why it failed
-
-
-def last_scan_backend():
-    """Which backend ran the last `selective_scan`: "mamba", "torch-compiled", "torch" or "ref"."""
-    return _last_backend
-
-
-def set_scan_compile(mode):
-    """Whether the PyTorch scan runs its slab functions through torch.compile: "off" (default)
-    never, "auto" for CUDA tensors, "on" on any device (a CPU needs a C++ compiler). Off by
-    default: on a 2-core CPU a new scan shape took 12-37 s to compile forward, 29-127 s backward;
-    not measured on a GPU yet. Where it cannot compile (no Triton or C++ compiler, MPS, an old
-    torch) the scan runs eager."""
-    global _scan_compile
-    if mode not in ("auto", "on", "off"):
-        raise ValueError(f"set_scan_compile: mode must be 'auto', 'on' or 'off', not {mode!r}")
-    _scan_compile = mode
-
-
-def _workspace(u, steps, *shape):
-    """Buffers the eager scan reuses slab after slab, or None to compile (`set_scan_compile`)."""
-    mode = "on" if _scan_compile == "auto" and u.device.type == "cuda" else _scan_compile
-    return None if mode == "on" and not _compile_error else [u.new_empty(S, *shape) for S in steps]
-
-
-def _run_slab(fn, work, *args):
-    """fn(*args, work) eagerly, or fn(*args) through torch.compile if `work` is None."""
-    global _last_backend, _compile_error
-    if work is None and not _compile_error:
-        try:  # a graph per (S, T, shapes but b): copies at offset 0, b dynamic (dim 1, states 0)
-            if fn not in _compiled:
-                _compiled[fn] = torch.compile(fn, dynamic=False, fullgraph=True)
-            args = [t.clone() for t in args[:-1]] + [args[-1]]
-            for t in (t for t in args[:-1] if t.dim() != 3):  # not A (g, d/g, n): no batch axis
-                torch._dynamo.maybe_mark_dynamic(t, 1 if t.dim() == 5 else 0)
-            with torch._dynamo.config.patch(recompile_limit=64):  # a graph per scan shape, not 8
-                out = _compiled[fn](*args)
-            _last_backend = "torch-compiled"
-            return out
-        except Exception as error:  # torch, Triton or the C++ compiler: any failure means eager
-            if isinstance(error, torch.cuda.OutOfMemoryError):          # not a compile failure
-                raise
-            _compile_error = f"{type(error).__name__}: {(str(error) or '?').splitlines()[0]}"
-            warnings.warn(f"torch.compile cannot compile the selective scan on {args[0].device} "
-                          f"({_compile_error}); using the eager scan", RuntimeWarning, stacklevel=2)
-    return fn(*args, work or (None,) * 3)
-
-
-def _mamba_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-                return_last_state=False):
-    """mamba-ssm's `selective_scan_fn` on float32 copies, so it returns float32 like the others."""
-    _check_scan_args(u, delta, A, B, C, D, z, delta_bias)
-    f32 = [t if t is None else t.float() for t in (u, delta, A, B, C, D, z, delta_bias)]
-    with torch.autocast(u.device.type, enabled=False):
-        return _mamba_scan_fn(*f32, delta_softplus, return_last_state)
-
-
-def _mamba_kernel_works(device):
-    """Whether the mamba-ssm kernel runs: tried once on a tiny scan on `device`, then remembered."""
-    global _mamba_works
-    if _mamba_works is None and _mamba_scan_fn is not None:
-        u, BC = torch.ones(1, 2, 8, device=device), torch.ones(1, 1, 4, 8, device=device)
-        try:
-            _mamba_scan(u, u, -torch.ones(2, 4, device=device), BC, BC)     # (b, d, l), (b, g, n, l)
-            _mamba_works = True
-        except (AttributeError, RuntimeError, NotImplementedError) as error:
-            warnings.warn(f"mamba-ssm is installed but its selective-scan kernel fails on {device} "
-                          f"({type(error).__name__}: {error}); using the PyTorch scan",
-                          RuntimeWarning, stacklevel=3)
-    _mamba_works = bool(_mamba_works)
-    return _mamba_works
-
-
-def _describe(x):
-    """Shape and dtype of a tensor (lists of those for lists/tuples), for error messages."""
-    return (f"shape {tuple(x.shape)} ({x.dtype})" if isinstance(x, torch.Tensor) else
-            f"[{', '.join(map(_describe, x))}]" if isinstance(x, (list, tuple)) else type(x).__name__)
-
-
-def _fits(t, *shape):
-    """Whether t is a real floating-point tensor of this shape (None: any size)."""
-    return (isinstance(t, torch.Tensor) and t.is_floating_point() and t.dim() == len(shape)
-            and all(s in (None, size) for s, size in zip(shape, t.shape)))
-
-
-def _require(ok, message):
-    """The one-line ValueError for bad input: `message` names the argument, what it got, the fix."""
-    if not ok:
-        raise ValueError(message)
-
-
-def _check_scan_args(u, delta, A, B, C, D, z, delta_bias):
-    """Shapes and dtypes only (no data is read); every backend starts with it."""
-    def fail(name, t, expected):
-        raise ValueError(f"selective_scan: {name} has {_describe(t)}, expected {expected}")
-    if not _fits(u, None, None, None) or min(u.shape) < 1:
-        fail("u", u, "a floating-point (b, d, l) tensor with b, d, l >= 1")
-    b, d, l = u.shape
-    if not _fits(A, d, None) or A.shape[1] < 1:
-        fail("A", A, f"a real floating-point (d, n) tensor with d = {d}, n >= 1")
-    n = A.shape[1]
-    g = B.shape[1] if _fits(B, b, None, n, l) else 1
-    for name, t, shape in [("delta", delta, (b, d, l)), ("z", z, (b, d, l)), ("D", D, (d,)),
-                           ("delta_bias", delta_bias, (d,))]:
-        if (name == "delta" or t is not None) and not _fits(t, *shape):
-            fail(name, t, f"a floating-point tensor of shape {shape}")
-    if not (_fits(B, b, n, l) or _fits(B, b, g, n, l) and g and d % g == 0):
-        fail("B", B, f"(b, n, l) = {(b, n, l)} or (b, g, n, l) with g dividing d = {d}")
-    if not _fits(C, *B.shape):
-        fail("C", C, f"the shape of B, {tuple(B.shape)}")
 
 
 def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
                    return_last_state=False, *, backend="auto"):
     """The selective scan, eq (4), (2a), (2b): arguments, shapes and result as `selective_scan_ref`.
 
-    backend: "auto" runs the mamba-ssm CUDA kernel for CUDA tensors when it is installed and
-    works, else the PyTorch parallel scan; "torch" the parallel scan (any device); "ref" the loop;
-    "mamba" the kernel, or a RuntimeError when it cannot run. `last_scan_backend()` tells which
-    ran. The kernel does not back-propagate into the returned last state; the others do."""
-    global _last_backend
-    if backend in ("auto", "mamba"):
-        kernel_ok = u.device.type == _KERNEL_DEVICE_TYPE and _mamba_kernel_works(u.device)
-        if backend == "mamba" and not kernel_ok:
-            raise RuntimeError("backend='mamba' needs CUDA tensors and mamba-ssm with a working "
-                               "kernel (pip install mamba-ssm)")
-        backend = "mamba" if kernel_ok else "torch"
-    scans = {"mamba": _mamba_scan, "torch": selective_scan_torch, "ref": selective_scan_ref}
-    if backend not in scans:
+    backend: "auto" the mamba-ssm kernel for CUDA tensors if it is installed (a failing first call
+    warns once, then never again) and not under torch.compile (it cannot trace the kernel), else the
+    parallel scan; "torch" the parallel scan; "ref" the loop; "mamba" the kernel, or its error.
+    `last_scan_backend()` tells which ran. The kernel gives no gradient through the last state."""
+    global _last_backend, _mamba_works
+    if backend not in ("auto", "torch", "ref", "mamba"):
         raise ValueError(f"backend must be 'auto', 'torch', 'ref' or 'mamba', not {backend!r}")
-    _last_backend = backend
-    return scans[backend](u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
+    args = (u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
+    kernel = backend == "auto" and _mamba_scan_fn is not None and u.device.type == _KERNEL_DEVICE_TYPE
+    if backend == "mamba" or kernel and _mamba_works is not False and not torch.compiler.is_compiling():
+        try:
+            out = _mamba_scan(*args)
+            _mamba_works, _last_backend = True, "mamba"
+            return out
+        except (AttributeError, RuntimeError, NotImplementedError) as error:
+            if backend == "mamba" or _mamba_works or isinstance(error, torch.cuda.OutOfMemoryError):
+                raise                                    # asked for, or it worked before: not broken
+            _mamba_works = False
+            warnings.warn(f"mamba-ssm is installed but its selective-scan kernel fails on {u.device} "
+                          f"({type(error).__name__}: {error}); using the PyTorch scan",
+                          RuntimeWarning, stacklevel=2)
+    if backend == "ref":
+        _last_backend = "ref"
+        return selective_scan_ref(*args)
+    return selective_scan_torch(*args)                  # it records "torch" or "torch-compiled"
 
 
 # 2. Cross-scan and cross-merge: VMRNN Eqs. (7) and (9) --------------------------------------------
-
 def cross_scan(x):
     """Unfold a feature map into the four scan orders of SS2D ("scan expand", Eq. 7): x (b, d, H, W)
     -> (b, k=4, d, l): row-major (h, w), column-major (w, h), and both reversed."""
@@ -427,12 +166,12 @@ def cross_merge(ys, H, W):
 
 
 # 3. SS2D: VMRNN Fig. 2(c) (VMamba's 2D selective scan, "v0") --------------------------------------
-
 class SS2D(nn.Module):
     """2D selective scan: in_proj -> depthwise conv -> 4-direction S6 -> merge -> norm, gate, out_proj.
     x (b, H, W, c) -> (b, H, W, c). Parameter names are VMamba's (x_proj_weight, dt_projs_weight,
     dt_projs_bias, A_logs, Ds, ...), so the authors' checkpoints load without renaming them. The
     per-direction projections are stacked along a leading k axis instead of four modules."""
+
     def __init__(self, d_model, d_state=16, d_conv=3, expand=2, dropout=0.0, scan_backend="auto"):
         super().__init__()
         k, self.d_state, self.scan_backend = 4, d_state, scan_backend
@@ -453,7 +192,7 @@ class SS2D(nn.Module):
 
     @torch.no_grad()
     def reset_ssm_parameters(self, dt_min=1e-3, dt_max=0.1, dt_floor=1e-4):
-        """Mamba's initialisation (SPEC §2): S4D-real A, D = 1, dt log-uniform in [dt_min, dt_max]."""
+        """Mamba's init (mamba-ssm's Mamba, VMamba's dt_init): S4D-real A, D = 1, log-uniform dt."""
         # x_proj_weight: what nn.Linear(d_inner, r + 2n) would draw, U(-1/sqrt(d), 1/sqrt(d)).
         nn.init.uniform_(self.x_proj_weight, -self.d_inner ** -0.5, self.d_inner ** -0.5)
         nn.init.uniform_(self.dt_projs_weight, -self.dt_rank ** -0.5, self.dt_rank ** -0.5)
@@ -470,36 +209,36 @@ class SS2D(nn.Module):
         x, z = self.in_proj(x).chunk(2, dim=-1)          # (b, H, W, d) each
         x = x.permute(0, 3, 1, 2)                        # (b, d, H, W)
         x = F.silu(self.conv2d(x))                       # (b, d, H, W)
+
+        # Four directions, each with its own data-dependent delta, B and C.
         xs = cross_scan(x)                               # (b, k, d, l)           eq (7)
         x_dbl = torch.einsum("bkdl,kcd->bkcl", xs, self.x_proj_weight)    # (b, k, r + 2n, l)
         dts, Bs, Cs = torch.split(x_dbl, [r, n, n], dim=2)               # (b, k, r|n|n, l)
         dts = torch.einsum("bkrl,kdr->bkdl", dts, self.dt_projs_weight)  # (b, k, d, l)
-        y = selective_scan(                              # (b, k*d, l) float32    eq (8)
-            xs.flatten(1, 2), dts.flatten(1, 2), -torch.exp(self.A_logs.float()), Bs, Cs,
-            self.Ds.float(), delta_bias=self.dt_projs_bias.float().flatten(), delta_softplus=True,
-            backend=self.scan_backend)
+
+        # S6 over the k*d channels in float32, as the authors' SS2D (VMamba's forward_core) does.
+        As = -torch.exp(self.A_logs.float())             # (k*d, n)
+        Ds, dt_bias = self.Ds.float(), self.dt_projs_bias.float().flatten()     # (k*d,) each
+        y = selective_scan(xs.flatten(1, 2).float(), dts.flatten(1, 2).float(), As, Bs.float(),
+                           Cs.float(), Ds, delta_bias=dt_bias, delta_softplus=True,
+                           backend=self.scan_backend)    # (b, k*d, l)            eq (8)
+
         y = cross_merge(y.view(b, k, d, H * W), H, W)    # (b, d, l)              eq (9)
-        y = y.transpose(1, 2).reshape(b, H, W, d)        # (b, H, W, d)
+        y = y.transpose(1, 2).contiguous().view(b, H, W, d)              # (b, H, W, d)
         y = self.out_norm(y).to(x.dtype) * F.silu(z)     # (b, H, W, d)
         return self.dropout(self.out_proj(y))            # (b, H, W, c)
 
 
 # 4. VSS block as used inside the VMRNN cell: VMRNN Fig. 2(b) --------------------------------------
-
-def drop_path(x, p, training):
-    """Stochastic depth: zero the whole residual branch of a sample with probability p."""
-    if p == 0.0 or not training:
-        return x
-    return x * x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(1 - p) / (1 - p)
-
-
 class VSSBlock(nn.Module):
     """x + DropPath(SS2D(LN(x))); the first block of a cell also mixes in the hidden state.
     x, h_state (b, l, c) -> (b, l, c). With h_state the SS2D input is LP([LN(x); LN(h_state)]),
     LP = Linear(2c -> c) (Fig. 2(b)), one LayerNorm shared by both; the residual is x alone.
+    DropPath (stochastic depth) zeroes a sample's whole branch with probability drop_path_rate.
 
     Note: the authors allocate LP in every block and use it only in the first; here only the
     block that takes the hidden state has it (`takes_hidden=True`), so no parameter is dead."""
+
     def __init__(self, dim, grid, takes_hidden, drop_path_rate=0.0, d_state=16, dropout=0.0,
                  scan_backend="auto"):
         super().__init__()
@@ -515,18 +254,21 @@ class VSSBlock(nn.Module):
         y = self.norm(x)                                 # (b, l, c)
         if h_state is not None:
             y = self.lp(torch.cat([y, self.norm(h_state)], dim=-1))      # (b, l, 2c) -> (b, l, c)
-        y = self.ss2d(y.view(b, *self.grid, c))          # (b, H, W, c)
-        return x + drop_path(y.view(b, l, c), self.drop_path_rate, self.training)
+        y = self.ss2d(y.view(b, *self.grid, c)).view(b, l, c)            # (b, l, c)
+        if self.training and self.drop_path_rate > 0:    # DropPath, one draw per sample
+            keep = 1 - self.drop_path_rate
+            y = y * x.new_empty(b, 1, 1).bernoulli_(keep) / keep
+        return x + y
 
 
 # 5. VMRNN cell: VMRNN Eqs. (4)-(6), Fig. 2(a) -----------------------------------------------------
-
 class VMRNNCell(nn.Module):
     """One recurrent step: O_t from a stack of VSS blocks, then an LSTM-style state update.
     x (b, l, c), state None or (h_state, c_state) each (b, l, c) -> (h_state, (h_state, c_state)).
     A state of None means zeros. `cell_update` picks the cell-state update:
       "code"  (default) C_t = F_t * (C_{t-1} + tanh(O_t)), the authors' code, published numbers;
       "paper" C_t = F_t * tanh(O_t) + C_{t-1}, the paper's Eq. (5)."""
+
     def __init__(self, dim, grid, depth, drop_path_rates, d_state=16, dropout=0.0,
                  cell_update="code", scan_backend="auto"):
         super().__init__()
@@ -554,9 +296,9 @@ class VMRNNCell(nn.Module):
 
 
 # 6. VMRNN-B and VMRNN-D: VMRNN Fig. 3, Table 1 ----------------------------------------------------
-
 class PatchEmbed(nn.Module):
     """Frame -> tokens: Conv2d(kernel = stride = p), flatten, LayerNorm. (b, C, h, w) -> (b, l, c)."""
+
     def __init__(self, patch_size, in_chans, dim):
         super().__init__()
         self.proj = nn.Conv2d(in_chans, dim, kernel_size=patch_size, stride=patch_size)
@@ -570,6 +312,7 @@ class PatchInflate(nn.Module):
     """Tokens -> frame ("patch inflated" in the authors' code): transposed convolutions, x2 each.
     (b, l, c) -> (b, C, h, w) logits. For p > 2 the authors first apply p // 4 stages of
     [ConvTranspose2d(c -> c), GroupNorm(16, c), LeakyReLU(0.2)], then ConvTranspose2d(c -> C)."""
+
     def __init__(self, patch_size, in_chans, dim, grid):
         super().__init__()
         self.grid = grid
@@ -585,6 +328,7 @@ class PatchInflate(nn.Module):
 
 class PatchMerging(nn.Module):
     """Halve the grid, double the width (Swin): 2x2 neighbours -> LayerNorm(4w) -> Linear(4w -> 2w)."""
+
     def __init__(self, dim, grid):
         super().__init__()
         self.grid = grid
@@ -600,6 +344,7 @@ class PatchMerging(nn.Module):
 
 class PatchExpanding(nn.Module):
     """Double the grid, halve the width (Swin-Unet): Linear(w -> 2w), each token -> 2x2 of w/2."""
+
     def __init__(self, dim, grid):
         super().__init__()
         self.grid = grid
@@ -609,13 +354,15 @@ class PatchExpanding(nn.Module):
     def forward(self, x):
         (b, _, _), (H, W) = x.shape, self.grid
         x = self.expand(x).view(b, H, W, 2, 2, -1)       # (b, H, W, p1, p2, w/2)
-        return self.norm(x.permute(0, 1, 3, 2, 4, 5).reshape(b, 4 * H * W, -1))  # (b, 2H*2W, w/2)
+        x = x.permute(0, 1, 3, 2, 4, 5)                  # (b, H, p1, W, p2, w/2)
+        return self.norm(x.reshape(b, 4 * H * W, -1))    # (b, 2H*2W, w/2)
 
 
 class _Forecaster(nn.Module):
     """What VMRNN-B and VMRNN-D share: input checks, the patch embedding, and the rollout.
     Set `checkpoint_steps = True` to trade compute for memory in training: each frame step of the
     rollout then keeps only its inputs, and backward recomputes it (same result, same drop path)."""
+
     def __init__(self, img_size, patch_size, in_chans, embed_dim, d_state, drop_path_rate, dropout):
         super().__init__()
         for name, value in [("in_chans", in_chans), ("embed_dim", embed_dim), ("d_state", d_state)]:
@@ -640,23 +387,22 @@ class _Forecaster(nn.Module):
     def _check_step(self, frame, state, cells):
         """A ValueError unless frame is a floating-point (b, C, h, w) and state is None or, per
         cell of `cells`, (h_state, c_state) each (b, l, c) as that cell expects."""
-        (C, h, w), many = (self.in_chans, *self.img_size), len(cells) > 1
+        C, h, w = self.in_chans, *self.img_size
         _require(_fits(frame, None, C, h, w), f"expected a floating-point frame of shape (b, {C}, "
                  f"{h}, {w}), got {_describe(frame)}")
-        pairs, shapes = state if many else [state], [(len(frame), *c.state_shape) for c in cells]
-        if state is not None and not (isinstance(pairs, (list, tuple)) and len(pairs) == len(cells)
-                                      and all(isinstance(p, (list, tuple)) and len(p) == 2 and
-                                              _fits(p[0], *s) and _fits(p[1], *s)
-                                              for p, s in zip(pairs, shapes))):
-            raise ValueError(f"state must be None or {'per cell ' if many else ''}(h_state, "
-                             f"c_state) of shapes {shapes if many else shapes[0]} (b, l, c), got "
-                             f"{_describe(state)}")
+        per_cell = len(cells) > 1                        # VMRNN-D: a list, one pair per cell
+        shapes = [(len(frame), *cell.state_shape) for cell in cells]
+        pairs = state if per_cell else [state]
+        fits = isinstance(pairs, (list, tuple)) and len(pairs) == len(cells)
+        _require(state is None or fits and all(map(_is_state_pair, pairs, shapes)),
+                 f"state must be None or {'per cell ' if per_cell else ''}(h_state, c_state) of shapes "
+                 f"{shapes if per_cell else shapes[0]} (b, l, c), got {_describe(state)}")
 
     def forward(self, frames, pred_len):
-        """The authors' rollout (SPEC §5), identical in training and test:
-        frames (b, t_in, C, h, w) in [0, 1] -> (b, t_in - 1 + pred_len, C, h, w): the next-frame
-        predictions for frames 1..t_in-1 (teacher-forced), then pred_len closed-loop predictions
-        that start from the last observed frame and feed each prediction back in."""
+        """The authors' rollout (`model_forward_*`, OpenSTL's `forward`), the same in training and
+        test: frames (b, t_in, C, h, w) in [0, 1] -> (b, t_in - 1 + pred_len, C, h, w): predictions
+        of frames 1..t_in-1 (teacher-forced), then pred_len closed-loop predictions that start from
+        the last observed frame and feed each prediction back in."""
         C, h, w = self.in_chans, *self.img_size
         _require(_fits(frames, None, None, C, h, w) and frames.shape[1] >= 1, f"expected frames of "
                  f"shape (b, t, {C}, {h}, {w}), floating point, t >= 1, got {_describe(frames)}")
@@ -677,6 +423,7 @@ class VMRNN_B(_Forecaster):
     `step(frame, state)` advances one frame: frame (b, C, h, w), state None or (h_state, c_state)
     -> (prediction of the next frame (b, C, h, w) in (0, 1), new state).
     Stochastic depth uses the same rate in every block, as the authors' code does."""
+
     def __init__(self, img_size, patch_size, in_chans, embed_dim=128, depth=6, d_state=16,
                  drop_path_rate=0.1, dropout=0.0, cell_update="code", scan_backend="auto"):
         super().__init__(img_size, patch_size, in_chans, embed_dim, d_state, drop_path_rate, dropout)
@@ -689,6 +436,12 @@ class VMRNN_B(_Forecaster):
         return torch.sigmoid(self.head(h_state)), state
 
 
+def _linear_rates(rate, depths):
+    """Stochastic depth spaced linearly from 0 to `rate` over all blocks: one list per depth."""
+    rates = torch.linspace(0, rate, sum(depths)).tolist()
+    return [rates[sum(depths[:j]):sum(depths[:j + 1])] for j in range(len(depths))]
+
+
 class VMRNN_D(_Forecaster):
     """VMRNN-D (Fig. 3, right): a Swin-Unet-like stack of cells, down then up, each with its state.
     Down level i: a cell of width c*2^i on the grid / 2^i with depths_down[i] blocks, then patch
@@ -696,8 +449,10 @@ class VMRNN_D(_Forecaster):
     depths_up[j] is the depth of the up cell of width c*2^(j+1) (the authors' indexing, checked on
     their checkpoint), so the paper's (2, 6, 6, 2) is depths_down=(2, 6), depths_up=(6, 2).
     `step(frame, state)` takes and returns state as a list of (h_state, c_state), one per cell.
+    Stochastic depth rises from 0 to drop_path_rate over the down path, and again over the up path.
 
     Note: the authors' up path builds a second patch embedding that is never used; not here."""
+
     def __init__(self, img_size, patch_size, in_chans, embed_dim=128, depths_down=(2, 6),
                  depths_up=(6, 2), d_state=16, drop_path_rate=0.1, dropout=0.0, cell_update="code",
                  scan_backend="auto"):
@@ -711,16 +466,16 @@ class VMRNN_D(_Forecaster):
         cell = dict(d_state=d_state, dropout=dropout, cell_update=cell_update,
                     scan_backend=scan_backend)
         self.down, self.merge, self.up, self.expand = (nn.ModuleList() for _ in range(4))
-        for cells, resample, depths, shift, Resample in [
-                (self.down, self.merge, depths_down, 0, PatchMerging),
-                (self.up, self.expand, depths_up, 1, PatchExpanding)]:
-            # Stochastic depth: 0 -> drop_path_rate over the path's blocks, in order of width.
-            rates = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
-            for j in range(L) if shift == 0 else reversed(range(L)):  # j indexes depths (by width)
-                level, first = j + shift, sum(depths[:j])
-                dim, grid = embed_dim * 2 ** level, (H // 2 ** level, W // 2 ** level)
-                cells.append(VMRNNCell(dim, grid, depths[j], rates[first:][:depths[j]], **cell))
-                resample.append(Resample(dim, grid))
+        rates = _linear_rates(drop_path_rate, depths_down)
+        for i in range(L):                               # width c*2^i, grid / 2^i
+            dim, grid = embed_dim * 2 ** i, (H // 2 ** i, W // 2 ** i)
+            self.down.append(VMRNNCell(dim, grid, depths_down[i], rates[i], **cell))
+            self.merge.append(PatchMerging(dim, grid))
+        rates = _linear_rates(drop_path_rate, depths_up)
+        for j in reversed(range(L)):                     # width c*2^(j+1), grid / 2^(j+1)
+            dim, grid = embed_dim * 2 ** (j + 1), (H // 2 ** (j + 1), W // 2 ** (j + 1))
+            self.up.append(VMRNNCell(dim, grid, depths_up[j], rates[j], **cell))
+            self.expand.append(PatchExpanding(dim, grid))
 
     def step(self, frame, state=None):
         self._check_step(frame, state, [*self.down, *self.up])
@@ -739,16 +494,14 @@ def paper_model(name, **overrides):
     configs = {"mmnist": (VMRNN_D, dict(img_size=64, patch_size=2, in_chans=1)),
                "kth": (VMRNN_B, dict(img_size=128, patch_size=2, in_chans=1, depth=6)),
                "taxibj": (VMRNN_B, dict(img_size=32, patch_size=4, in_chans=2, depth=12))}
-    if name not in configs:
-        raise ValueError(f"unknown paper model {name!r}: choose one of {sorted(configs)}")
+    _require(name in configs, f"unknown paper model {name!r}: choose one of {sorted(configs)}")
     cls, kwargs = configs[name]
     return cls(**{**kwargs, **overrides})
 
 
 # 7. Loading the authors' weights ------------------------------------------------------------------
-# Official key prefix -> ours. Applied in order, first match wins; None = a weight the authors'
-# model never uses (ignored). Covers their Moving-MNIST B (`ST.layers.0`), OpenSTL B (`ST.layer`)
-# and Moving-MNIST / OpenSTL D (`Downsample` / `Upsample`) models.
+# Official key prefix -> ours, in order, first match wins; None = a weight their model never uses.
+# Covers Moving-MNIST B (`ST.layers.0`), OpenSTL B (`ST.layer`) and D (`Downsample` / `Upsample`).
 _OFFICIAL_PREFIXES = [
     (r"^ST\.patch_embed\.", "embed."), (r"^ST\.(?:layer|layers\.0)\.VSBs\.", "cell.blocks."),
     (r"^ST\.patch_inflated\.Conv_\.", "head.up."), (r"^ST\.patch_inflated\.Conv\.", "head.out."),
@@ -761,9 +514,8 @@ _OFFICIAL_BLOCK_NAMES = [(r"\.self_attention\.", ".ss2d."), (r"\.ln_1\.", ".norm
 
 
 def check_state_dict(model, state_dict):
-    """Raise a one-line ValueError unless `state_dict` fits `model` key for key and shape for shape,
-    naming the first key (in the model's order) that is missing or of another shape (with both
-    shapes), else the first unexpected key. Returns None."""
+    """A one-line ValueError unless `state_dict` fits `model` key for key and shape for shape: it names
+    the first key (in the model's order) missing or of another shape (both shapes), or unexpected."""
     ours = model.state_dict()
     extra = [key for key in state_dict if key not in ours]
     bad = next((k for k in ours if getattr(state_dict.get(k), "shape", 0) != ours[k].shape), None)
@@ -777,10 +529,10 @@ def check_state_dict(model, state_dict):
 
 
 def load_official_state_dict(model, state_dict):
-    """Load weights saved by the authors' code into `model`; returns the keys it ignored.
-    Ignored keys are the weights the authors' models allocate but never use (the 2c -> c Linear of
-    every block after the first in a cell, and VMRNN-D's second patch embedding). Any other key
-    that does not fit raises `check_state_dict`'s ValueError (keys named as ours)."""
+    """Load weights saved by the authors' code (or ours: their keys pass as they are) into `model`;
+    returns the keys it ignored: weights the authors' models allocate but never use (the 2c -> c
+    Linear of every block after the first in a cell, VMRNN-D's second patch embedding). A key that
+    does not fit raises `check_state_dict`'s ValueError (keys named as ours)."""
     ours, loaded, ignored = model.state_dict(), {}, []
     for key, value in state_dict.items():
         name = key.removeprefix("module.")               # saved from DistributedDataParallel
@@ -798,3 +550,298 @@ def load_official_state_dict(model, state_dict):
     check_state_dict(model, loaded)
     model.load_state_dict(loaded)
     return ignored
+
+
+# 8. The fast scan: what `selective_scan_torch` runs -----------------------------------------------
+# Chunks of T steps run in parallel; slabs of S steps bound the memory (one slab's states at a time,
+# recomputed from its start state by the hand-written backward); all of it is one registered op.
+def _chunked_linear_scan(a, x, h0, chunk, reverse=False):
+    """Scan h_t = a_t h_{t-1} + x_t along dim 0 from h_{-1} = h0 -> (h, the last state).
+    a, x: (S, ...) with S a multiple of `chunk`, a_t in [0, 1]; h0: (...). With reverse=True time
+    runs backwards, h_t = a_t h_{t+1} + x_t from h_S = h0, and the last state is h_0.
+
+    Why this equals the loop: T = `chunk` steps of the recurrence compose to the affine map
+    h -> (a_T ... a_1) h + e, where e is what the T steps produce from a zero state. So (1) scan
+    all S/T chunks at once from zero (one op per position in the chunk): every chunk's e and, as a
+    product, its decay; (2) chain these maps chunk after chunk: each chunk's true start state;
+    (3) rescan all chunks at once from their start states. Only products of numbers in [0, 1] are
+    formed, never a division by a cumulative decay nor the exponential of a cumulative sum, so it
+    is exact at any step size. Eagerly, (3) writes h over x (no copy); traced by torch.compile it
+    stacks new tensors once, which Inductor fuses into one kernel (unlike step-by-step writes)."""
+    nc = x.shape[0] // chunk
+    a, x = a.view(nc, chunk, *a.shape[1:]), x.view(nc, chunk, *x.shape[1:])  # (nc, T, ...)
+    at, xt = a.unbind(1), x.unbind(1)                                       # T views (nc, ...)
+    steps, chunks = (range(chunk)[::-1], range(nc)[::-1]) if reverse else (range(chunk), range(nc))
+    starts = [h0]                                                           # in scan order
+    if nc > 1:
+        e = xt[steps[0]]                                                    # (1) from zero
+        for t in steps[1:]:
+            e = torch.addcmul(xt[t], at[t], e)                              # eq (2a)
+        e, decay = e.unbind(0), a.prod(dim=1).unbind(0)                     # nc of (...) each
+        for c in chunks[:-1]:                                               # (2) chain the chunks
+            starts.append(torch.addcmul(e[c], decay[c], starts[-1]))        # eq (2a), per chunk
+    h = torch.stack(starts[::-1] if reverse else starts)                    # (nc, ...)
+    if torch.compiler.is_compiling():                                       # (3) new tensors
+        hs = [None] * chunk
+        for t in steps:
+            h = hs[t] = torch.addcmul(xt[t], at[t], h)                      # eq (2a)
+        h = torch.stack(hs, dim=1)                                          # (nc, T, ...)
+    else:                                                                   # (3) in place
+        for t in steps:
+            h = xt[t].addcmul_(at[t], h)                                    # eq (2a)
+        h = x
+    return h.flatten(0, 1), h[chunks[-1], steps[-1]].clone()
+
+
+def _slab_forward(dt, dtu, A, Bt, Ct, h0, T, a=None, x=None):
+    """The forward over one slab of S steps from the state h0 (b, g, d/g, n) before it, inputs
+    as from `_slab_layouts` -> y (S, b, g, d/g) and the state at the slab's end. a, x: (S, b, g,
+    d/g, n) buffers to write a_t and x_t into (the eager scan reuses them), or None."""
+    a = torch.mul(dt, A, out=a).exp_()                                      # eq (4)
+    x = torch.mul(dtu, Bt, out=x)                                           # x_t = delta_t B_t u_t
+    h, last = _chunked_linear_scan(a, x, h0, T)                             # eq (2a)
+    return h.mul_(Ct).sum(-1), last                                         # eq (2b), h used up
+
+
+def _slab_backward(dt, dtu, A, Bt, Ct, gyt, h0, carry, T, a=None, x=None, gx=None, tmp=None):
+    """The backward over one slab (see `scan_backward`) from the state h0 before it and the adjoint
+    `carry` after it; dt has S + 1 steps (a_{t+1} enters), gyt is like dtu, buffers a (S + 1 steps),
+    x, gx, tmp or None -> the adjoint before the slab, d(delta u) and sum_n q A (S, b, g, d/g), dB
+    and dC (S, b, g, n), and this slab's part of dA (g, d/g, n)."""
+    (S, b, g, e, _), n = dtu.shape, A.shape[-1]
+    a = torch.mul(dt, A, out=a).exp_()                                      # a_t, S + 1 steps
+    x = torch.mul(dtu, Bt, out=x)                                           # x_t = delta_t B_t u_t
+    h, _ = _chunked_linear_scan(a[:S], x, h0, T)                            # eq (2a), recomputed
+    gx = torch.mul(gyt, Ct, out=gx)                                         # C_t gy_t
+    gh, carry = _chunked_linear_scan(a[1:], gx, carry, T, reverse=True)     # adjoint of eq (2a)
+    gC = torch.bmm(gyt.view(-1, 1, e), h.view(-1, e, n)).view(S, b, g, n)          # dC
+    gB = torch.bmm(dtu.view(-1, 1, e), gh.view(-1, e, n)).view(S, b, g, n)         # dB
+    g_dtu = torch.mul(gh, Bt, out=tmp).sum(4)                               # sum_n gh B
+    ah = a[:S]                                                              # a used up:
+    ah[1:].mul_(h[:-1])                                                     # a_t h_{t-1}, with
+    ah[0].mul_(h0)                                                          # h_{-1} = h0
+    q = gh.mul_(ah)                                                         # q_t = gh_t a_t h_{t-1}
+    g_dtA = torch.mul(q, A, out=tmp).sum(4)                                 # sum_n q A
+    gA = torch.mul(q, dt[:S], out=tmp).sum((0, 1))                          # dA, this slab's part
+    return carry, g_dtu, g_dtA, gB, gC, gA
+
+
+_CHUNK, _SLAB_ELEMENTS = 8, 2 ** 21             # CPU: T, and state elements in a slab (8 MB)
+_GPU_CHUNK, _GPU_SLAB_ELEMENTS = 32, 2 ** 23    # elsewhere: T, and elements per slab and sample
+
+
+def _slab_sizes(device, b, dn, l):
+    """(T, S): time steps per chunk and per slab of the parallel scan, for b samples of d*n states.
+    A CPU gets cache-sized slabs. On a GPU each op is a kernel launch, so chunks are long and slabs
+    few: 2^23 state elements per sample (256 MB per slab buffer at b = 8, d*n = 16384; forward
+    holds two, backward four), independent of b, so the batch size never changes S or a graph."""
+    T, chunks = ((_CHUNK, _SLAB_ELEMENTS // (_CHUNK * b * dn)) if device.type == "cpu" else
+                 (_GPU_CHUNK, _GPU_SLAB_ELEMENTS // (_GPU_CHUNK * dn)))
+    return T, T * torch.sym_max(1, torch.sym_min(chunks, -(-l // T)))     # ints, or symbolic sizes
+
+
+def _time_major(v, L, *shape):
+    """(b, ..., l) -> (L, *shape): time first, zero-padded to L steps."""
+    v = v.reshape(-1, v.shape[-1])                                          # (b ..., l)
+    v = F.pad(v, (0, L - v.shape[-1])) if L > v.shape[-1] else v            # (b ..., L)
+    return v.t().contiguous().view(L, *shape)                               # (L, b, ...)
+
+
+def _batch_major(v, *shape):
+    """(L, ...) -> shape = (b, ..., l): the inverse of `_time_major`, padding cut off."""
+    return v[:shape[-1]].flatten(1).t().contiguous().view(shape)
+
+
+def _slab_layouts(u, delta, A, B, C):
+    """Sizes T, S and the inputs time-major, channels in their B/C groups: delta (L + 1, b, g,
+    d/g, 1) (one step more: the backward needs a_{t+1}), delta*u (L, b, g, d/g, 1), A (g, d/g, n),
+    B and C (L, b, g, 1, n), where L is l padded with delta = 0 (a = 1, x = 0) to whole slabs."""
+    (b, d, l), (g, n) = u.shape, B.shape[1:3]
+    T, S = _slab_sizes(u.device, b, d * n, l)
+    L = S * math.ceil(l / S)                                                # padded length
+    dt, dtu = _time_major(delta, L + 1, b, g, d // g, 1), _time_major(delta * u, L, b, g, d // g, 1)
+    Bt, Ct = _time_major(B, L, b, g, 1, n), _time_major(C, L, b, g, 1, n)
+    return T, S, dt, dtu, A.reshape(g, d // g, n), Bt, Ct
+
+
+def scan_forward(u, delta, A, B, C):
+    """The parallel scan, eq (4), (2a), (2b) from h_0 = 0: what the op `vmrnn::selective_scan` runs.
+    u, delta (b, d, l), delta after bias and softplus; A (d, n); B, C (b, g, n, l); one floating
+    dtype (float32; float64 for the tests) -> y (b, d, l), the last state h_l (b, d, n) and the
+    state before each slab (slabs, b, g, d/g, n), from which `scan_backward` recomputes the rest."""
+    (b, d, l), (g, n) = u.shape, B.shape[1:3]
+    T, S, dt, dtu, A, Bt, Ct = _slab_layouts(u, delta, A, B, C)              # time-major
+    states, ys = [u.new_zeros(b, g, d // g, n)], []                         # h before each slab
+    buffers = [] if _compiles(u.device) else [u.new_empty(S, b, g, d // g, n) for _ in range(2)]
+    for s in range(0, dtu.shape[0], S):
+        y, last = _run_slab(_slab_forward, dt[s:s + S], dtu[s:s + S], A, Bt[s:s + S],
+                            Ct[s:s + S], states[-1], T, *buffers)
+        ys.append(y)
+        states.append(last)
+    y = _batch_major(torch.cat(ys), b, d, l)                                # (b, d, l)
+    return y, states[-1].view(b, d, n), torch.stack(states[:-1])
+
+
+def scan_backward(u, delta, A, B, C, states, gy, g_last):
+    """The hand-written backward of `scan_forward` (what `vmrnn::selective_scan_backward` runs):
+    its inputs and slab start states, and the gradients gy (b, d, l) of y and g_last (b, d, n) of
+    h_l -> the gradients of u, delta, A, B, C. The adjoint gh_t = dLoss/dh_t runs the recurrence
+    backwards in time, slab by slab, each slab's states recomputed from its start:
+        gh_t = a_{t+1} gh_{t+1} + C_t gy_t,  gh_l = g_last,
+    and with q_t = gh_t a_t h_{t-1} (a_t = exp(delta_t A), x_t = delta_t B_t u_t):
+        dC_t = sum_(d in group) gy_t h_t          dB_t = sum_(d in group) gh_t delta_t u_t
+        du_t = delta_t sum_n gh_t B_t             ddelta_t = u_t sum_n gh_t B_t + sum_n q_t A
+        dA = sum_(b, t) q_t delta_t"""
+    (b, d, l), (g, n) = u.shape, B.shape[1:3]
+    T, S, dt, dtu, A, Bt, Ct = _slab_layouts(u, delta, A, B, C)              # time-major
+    gyt = _time_major(gy, dtu.shape[0], *dtu.shape[1:])                     # (L, b, g, d/g, 1)
+    carry = g_last.reshape(b, g, d // g, n).contiguous()                    # gh just after a slab
+    grads, steps = [], [S + 1, S, S, S]                                     # buffers a, x, gx, tmp
+    buffers = [] if _compiles(u.device) else [u.new_empty(t, b, g, d // g, n) for t in steps]
+    for k in reversed(range(len(states))):
+        s = k * S
+        carry, *g_slab = _run_slab(_slab_backward, dt[s:s + S + 1], dtu[s:s + S], A, Bt[s:s + S],
+                                   Ct[s:s + S], gyt[s:s + S], states[k], carry, T, *buffers)
+        grads.insert(0, g_slab)
+    g_dtu, g_dtA, gB, gC, gA = zip(*grads)                                  # per slab
+    g_dtu, g_dtA = (_batch_major(torch.cat(v), b, d, l) for v in (g_dtu, g_dtA))
+    gB, gC = (_batch_major(torch.cat(v), b, g, n, l) for v in (gB, gC))
+    gA = sum(gA).view(d, n)                                                 # (d, n)
+    return g_dtu * delta, g_dtu * u + g_dtA, gA, gB, gC
+
+
+# The op: torch.compile sees the scan as this one node (the fake gives its shapes), and autograd
+# runs `scan_backward` as one node too, with autocast off (its bmm would otherwise run in bf16).
+@torch.library.custom_op("vmrnn::selective_scan_backward", mutates_args=())
+def _scan_backward_op(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, states: Tensor,
+                      gy: Tensor, g_last: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    with torch.autocast(u.device.type, enabled=False):
+        return scan_backward(u, delta, A, B, C, states, gy, g_last)
+
+
+@_scan_backward_op.register_fake
+def _(u, delta, A, B, C, states, gy, g_last):
+    return tuple(t.new_empty(t.shape) for t in (u, delta, A, B, C))         # contiguous
+
+
+@torch.library.custom_op("vmrnn::selective_scan", mutates_args=())
+def _scan_op(u: Tensor, delta: Tensor, A: Tensor, B: Tensor,
+             C: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    return scan_forward(u, delta, A, B, C)              # no op of autocast's lists: no guard
+
+
+@_scan_op.register_fake
+def _(u, delta, A, B, C):
+    (b, d, l), (g, n) = u.shape, B.shape[1:3]
+    slabs = -(-l // _slab_sizes(u.device, b, d * n, l)[1])                  # ceil, also symbolic
+    return u.new_empty(b, d, l), u.new_empty(b, d, n), u.new_empty(slabs, b, g, d // g, n)
+
+
+def _save_for_scan_backward(ctx, inputs, output):
+    ctx.save_for_backward(*inputs, output[2])
+    ctx.mark_non_differentiable(output[2])
+
+
+def _scan_op_backward(ctx, gy, g_last, _):
+    return _scan_backward_op(*ctx.saved_tensors, gy, g_last)
+
+
+_scan_op.register_autograd(_scan_op_backward, setup_context=_save_for_scan_backward)
+
+
+_scan_compile = "off"           # see set_scan_compile
+_compiled = {}                  # slab function -> its torch.compile'd form
+_KERNEL_DEVICE_TYPE = "cuda"    # the only device type the mamba-ssm kernel runs on
+_mamba_works = None             # None until its first call, then whether that worked
+_last_backend = None            # what the last selective_scan ran (see last_scan_backend)
+
+
+def set_scan_compile(mode):
+    """Whether the scan op runs its slab functions through torch.compile: "off" (default) never,
+    "auto" for CUDA tensors, "on" on any device (a CPU needs a C++ compiler, a GPU Triton). A
+    model's torch.compile sees the scan as one op either way. Off until measured on a GPU."""
+    global _scan_compile
+    _require(mode in ("auto", "on", "off"), f"set_scan_compile: mode must be 'auto', 'on' or 'off', "
+             f"not {mode!r}")
+    _scan_compile = mode
+
+
+def last_scan_backend():
+    """Which backend ran the last `selective_scan`: "mamba", "torch-compiled", "torch" or "ref"."""
+    return _last_backend
+
+
+def _compiles(device):
+    """Whether the slab functions run through torch.compile on this device (`set_scan_compile`)."""
+    return _scan_compile == "on" or _scan_compile == "auto" and device.type == "cuda"
+
+
+def _run_slab(fn, *args):
+    """fn(*args), through torch.compile where `_compiles` (no buffers then): a graph per chunk count
+    and length, none per batch size, on copies of the slab's views (offset 0, one graph for all)."""
+    global _last_backend
+    if not _compiles(args[0].device):
+        _last_backend = "torch"
+        return fn(*args)
+    if fn not in _compiled:
+        _compiled[fn] = torch.compile(fn, fullgraph=True, dynamic=True)
+    _last_backend = "torch-compiled"
+    return _compiled[fn](*(a.clone() if isinstance(a, Tensor) else a for a in args))
+
+
+def _mamba_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                return_last_state=False):
+    """mamba-ssm's `selective_scan_fn` on float32 copies; y in the dtype of u, like the others."""
+    if _mamba_scan_fn is None or u.device.type != _KERNEL_DEVICE_TYPE:
+        raise RuntimeError("backend='mamba' needs CUDA tensors and mamba-ssm with a working kernel "
+                           "(pip install mamba-ssm)")
+    _check_scan_args(u, delta, A, B, C, D, z, delta_bias)
+    f32 = [t if t is None else t.float() for t in (u, delta, A, B, C, D, z, delta_bias)]
+    with torch.autocast(u.device.type, enabled=False):
+        out = _mamba_scan_fn(*f32, delta_softplus, return_last_state)
+    return (out[0].to(u.dtype), out[1]) if return_last_state else out.to(u.dtype)
+
+
+# Input checks: one-line ValueErrors that name the argument, what it got and what was expected.
+def _describe(x):
+    """Shape and dtype of a tensor (lists of those for lists/tuples), for error messages."""
+    return (f"shape {tuple(x.shape)} ({x.dtype})" if isinstance(x, torch.Tensor) else
+            f"[{', '.join(map(_describe, x))}]" if isinstance(x, (list, tuple)) else type(x).__name__)
+
+
+def _fits(t, *shape):
+    """Whether t is a real floating-point tensor of this shape (None: any size)."""
+    return (isinstance(t, torch.Tensor) and t.is_floating_point() and t.dim() == len(shape)
+            and all(s in (None, size) for s, size in zip(shape, t.shape)))
+
+
+def _is_state_pair(pair, shape):
+    """Whether pair is (h_state, c_state), two floating-point tensors of this shape."""
+    return isinstance(pair, (list, tuple)) and len(pair) == 2 and all(_fits(t, *shape) for t in pair)
+
+
+def _require(ok, message):
+    """The one-line ValueError for bad input: `message` names the argument, what it got, the fix."""
+    if not ok:
+        raise ValueError(message)
+
+
+def _check_scan_args(u, delta, A, B, C, D, z, delta_bias):
+    """Shapes and dtypes only (no data is read); every backend starts with it."""
+    def fail(name, t, expected):
+        raise ValueError(f"selective_scan: {name} has {_describe(t)}, expected {expected}")
+    if not _fits(u, None, None, None) or min(u.shape) < 1:
+        fail("u", u, "a floating-point (b, d, l) tensor with b, d, l >= 1")
+    b, d, l = u.shape
+    if not _fits(A, d, None) or A.shape[1] < 1:
+        fail("A", A, f"a real floating-point (d, n) tensor with d = {d}, n >= 1")
+    n = A.shape[1]
+    g = B.shape[1] if _fits(B, b, None, n, l) else 1
+    for name, t, shape in [("delta", delta, (b, d, l)), ("z", z, (b, d, l)), ("D", D, (d,)),
+                           ("delta_bias", delta_bias, (d,))]:
+        if (name == "delta" or t is not None) and not _fits(t, *shape):
+            fail(name, t, f"a floating-point tensor of shape {shape}")
+    if not (_fits(B, b, n, l) or _fits(B, b, g, n, l) and g and d % g == 0):
+        fail("B", B, f"(b, n, l) = {(b, n, l)} or (b, g, n, l) with g dividing d = {d}")
+    if not _fits(C, *B.shape):
+        fail("C", C, f"the shape of B, {tuple(B.shape)}")
