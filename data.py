@@ -126,10 +126,10 @@ def read_idx_images(path) -> np.ndarray:
 
 
 def download_file(urls, dest, md5: str) -> Path:
-    """Download `dest` from the first of `urls` that works: each try streams into dest.part, renamed to dest only
-    once its md5 matches, else deleted (a short transfer fails the md5). DataError (one line) if every URL fails."""
+    """Download `dest` from the first of `urls` that works: each try streams into dest.PID.part (ranks may download
+    at once), renamed to dest once its md5 matches (a short transfer fails it), else deleted; else a DataError."""
     dest, urls = Path(dest), [urls] if isinstance(urls, str) else list(urls)
-    part, failures = dest.with_name(dest.name + ".part"), []
+    part, failures = dest.with_name(f"{dest.name}.{os.getpid()}.part"), []
     dest.parent.mkdir(parents=True, exist_ok=True)
     for url in urls:
         print(f"downloading {url} -> {dest}", file=sys.stderr)

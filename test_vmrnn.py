@@ -11,6 +11,7 @@ import gzip
 import hashlib
 import http.server
 import math
+import multiprocessing
 import os
 import pickle
 import re
@@ -21,9 +22,11 @@ import socket
 import struct
 import subprocess
 import sys
+import textwrap
 import threading
 import time
 import warnings
+from concurrent.futures import ProcessPoolExecutor
 from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
@@ -1803,7 +1806,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             server.cut_next = False
             self.wfile.write(server.payload[: len(server.payload) // 2])
             return
-        self.wfile.write(server.payload)
+        for start in range(0, len(server.payload), len(server.payload) // 10):     # slowly: clients overlap
+            self.wfile.write(server.payload[start:start + len(server.payload) // 10])
+            time.sleep(server.pause)
 
     def log_message(self, *args):
         pass
@@ -1813,7 +1818,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 def server():
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
     httpd.payload = np.random.default_rng(0).bytes(300_000)
-    httpd.cut_next, httpd.requests = False, []
+    httpd.cut_next, httpd.requests, httpd.pause = False, [], 0.0
     httpd.base = f"http://127.0.0.1:{httpd.server_address[1]}/"
     httpd.url = httpd.base + "file.bin"
     thread = threading.Thread(target=httpd.serve_forever, kwargs=dict(poll_interval=0.05), daemon=True)
@@ -1851,7 +1856,7 @@ def test_download_checksum_mismatch(server, tmp_path):
 
 
 def test_download_interrupted_then_retried(server, tmp_path):
-    dest, part = tmp_path / "file.bin", tmp_path / "file.bin.part"
+    dest, part = tmp_path / "file.bin", tmp_path / f"file.bin.{os.getpid()}.part"
     server.cut_next = True
     with pytest.raises(DataError, match=f"{len(server.payload) // 2:,} of {len(server.payload)} bytes") as error:
         data.download_file([server.url], dest, md5(server.payload))
@@ -1863,9 +1868,18 @@ def test_download_interrupted_then_retried(server, tmp_path):
 
 
 def test_download_stale_part_is_replaced(server, tmp_path):
-    (tmp_path / "file.bin.part").write_bytes(b"left over by a killed run")
+    (tmp_path / f"file.bin.{os.getpid()}.part").write_bytes(b"left over by a killed run")
     data.download_file([server.url], tmp_path / "file.bin", md5(server.payload))
     assert (tmp_path / "file.bin").read_bytes() == server.payload
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file.bin"]
+
+
+def test_download_by_several_processes_at_once(server, tmp_path):
+    """torchrun's ranks may all find the file missing and download it together: each into its own part file."""
+    server.pause, dest, n = 0.02, tmp_path / "file.bin", 3
+    with ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("fork")) as pool:
+        done = list(pool.map(data.download_file, [[server.url]] * n, [dest] * n, [md5(server.payload)] * n))
+    assert done == [dest] * n and dest.read_bytes() == server.payload and len(server.requests) == n
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file.bin"]
 
 
@@ -2134,6 +2148,56 @@ def test_paths_are_stored_absolute_and_resume_from_another_folder(copied, monkey
     assert train.main(["--resume", "--out", copied.name, "--device", "cpu", "--max-steps", "5"])["step"] == 5
 
 
+def test_resume_of_a_finished_run_says_how_to_go_on(copied, capsys):
+    message = one_line(error_message(["--resume", "--out", str(copied), "--device", "cpu"], capsys))
+    assert f"the run in {copied} has done its 4 steps: raise --epochs or --max-steps to train on" in message
+    assert resume(copied, "--max-steps", "5")["step"] == 5
+
+
+def test_fp16_of_a_gpu_run_is_dropped_on_cpu_unless_typed(straight, tmp_path):
+    ckpt = torch.load(straight[0] / "ckpt_last.pt", weights_only=True)
+    for saved, typed, expected in [("fp16", [], "none"), ("bf16", [], "bf16"), ("fp16", ["--amp", "fp16"], "fp16")]:
+        ckpt["config"]["amp"] = saved
+        torch.save(ckpt, tmp_path / "ckpt.pt")
+        cfg, _ = train.parse_args(["--eval-only", "--ckpt", str(tmp_path / "ckpt.pt"), "--device", "cpu", *typed])
+        assert cfg["amp"] == expected
+
+
+def test_throughput_leaves_out_evaluation(tmp_path, monkeypatch):
+    """Steps made to take >= 0.3 s, evaluations 1 s: the progress line at step 4 (after the evaluation at the
+    epoch end, step 3) reports the training steps 2-4 only."""
+    real_loss, real_evaluate = F.mse_loss, train.evaluate
+    monkeypatch.setattr(train.F, "mse_loss", lambda *a: (time.sleep(0.3), real_loss(*a))[1])
+    monkeypatch.setattr(train, "evaluate", lambda *a: (time.sleep(1), real_evaluate(*a))[1])
+    train_run(tmp_path, "--max-steps", "4", "--log-every", "4")
+    row = next(r for r in log_rows(tmp_path) if r["kind"] == "train" and r["step"] == "4")
+    per_step = 2 / float(row["seq_per_s"])                                  # batch 2
+    assert 0.3 <= per_step < 0.55                                           # (3 x 0.3 + 1) / 3 = 0.63 with it
+
+
+def test_data_workers_survive_sigterm_to_the_process_group():
+    """A scheduler's SIGTERM reaches the workers too: they leave it to the main process, which goes on fetching
+    (as an evaluation does) until it saves. Without train.quiet_worker the workers die and the fetch fails."""
+    script = textwrap.dedent("""
+        import os, signal, sys, time, torch, train
+        from torch.utils.data import DataLoader
+        class Slow(torch.utils.data.Dataset):
+            def __len__(self): return 16
+            def __getitem__(self, i): return time.sleep(0.1) or i
+        signal.signal(signal.SIGTERM, lambda *a: print("main: SIGTERM"))
+        init = train.quiet_worker if sys.argv[1] == "quiet" else None
+        for i, batch in enumerate(DataLoader(Slow(), 2, num_workers=2, worker_init_fn=init)):
+            if i == 1:
+                os.killpg(0, signal.SIGTERM)
+        print("fetched", i + 1)
+    """)
+    for init, fetched in [("quiet", True), ("default", False)]:
+        proc = subprocess.run([sys.executable, "-c", script, init], cwd=ROOT, capture_output=True, text=True,
+                              timeout=120, start_new_session=True)
+        assert ("main: SIGTERM" in proc.stdout) and (("fetched 8" in proc.stdout) == fetched), proc.stderr[-2000:]
+        assert fetched or "exited unexpectedly" in proc.stderr
+
+
 def test_eval_only_from_our_checkpoint(straight, tmp_path):
     out, result = straight
     again = train.main(["--eval-only", "--ckpt", str(out / "ckpt_last.pt"), "--device", "cpu", "--out", str(tmp_path)])
@@ -2141,10 +2205,11 @@ def test_eval_only_from_our_checkpoint(straight, tmp_path):
     assert (tmp_path / "samples.png").exists() and not (tmp_path / "ckpt_last.pt").exists()
 
 
-def test_eval_only_from_authors_state_dict(tmp_path, capsys):
+def test_eval_only_from_authors_state_dict(tmp_path, capsys, monkeypatch):
     path = SHARED / "fixtures" / "mmnist_b_small.pt"
     if not path.exists():
         pytest.skip(f"{path} not found: the official fixtures live in ../shared beside the checkout")
+    monkeypatch.chdir(tmp_path)
     fixture = torch.load(path, weights_only=True)
     cfg = fixture["config"]                                          # img 16, patch 2, embed 32, depths [2]
     argv = ["--data", "shapes", "--image-size", str(cfg["img_size"]), "--model", "vmrnn-b",
@@ -2159,6 +2224,7 @@ def test_eval_only_from_authors_state_dict(tmp_path, capsys):
         outputs = model(fixture["inputs"], fixture["T_out"])
     torch.testing.assert_close(outputs, fixture["outputs"], atol=1e-5, rtol=0)   # the weights really loaded
     assert result["metrics"]["sequences"] == 2 and np.isfinite(result["metrics"]["mse"])
+    assert (tmp_path / "runs" / "shapes-eval" / "samples.png").exists()    # no --out: runs/DATA-eval
     argv[argv.index("--embed-dim") + 1] = "16"
     message = one_line(error_message(argv, capsys))
     assert "bare.pt does not fit this model" in message and "--model, --depths" in message
@@ -2387,6 +2453,7 @@ def test_log_only_folder_starts_a_clean_log(tmp_path):
 ])
 def test_bad_flags(extra, expected, tmp_path, capsys):
     assert expected in one_line(error_message(TINY + ["--out", str(tmp_path / "run"), *extra], capsys))
+    assert not (tmp_path / "run").exists()                                  # nothing written
 
 
 @pytest.mark.parametrize("extra, expected", [
@@ -2490,8 +2557,9 @@ def test_help_shows_defaults(capsys):
     for expected in ("--save-every SAVE_EVERY save every N steps, 0 = off (default: 500)",
                      "--lr LR peak learning rate (default: per --data)",
                      "--drop-path DROP_PATH stochastic depth rate (default: 0.1)",
-                     "--compile, --no-compile", "--data {kth,mmnist,shapes,taxibj}"):
-        assert expected in text
+                     "--compile, --no-compile", "--data {kth,mmnist,shapes,taxibj}",
+                     "mmnist VMRNN-D 2 6 6 2 128 P 2 P 10->10 5e-5 P,C 8 P,C 2000 P MSE+L1 C constant C fp16 C"):
+        assert expected in text                                             # the defaults per --data: the table
 
 
 def test_progress_line_soon_after_the_model_line(tmp_path):
@@ -2518,8 +2586,8 @@ def test_progress_line_soon_after_the_model_line(tmp_path):
 
 def test_compile_gives_the_same_losses_with_few_graphs(straight, tmp_path):
     """3 steps and the evaluations of the tiny model with --compile, in a fresh process under
-    TORCH_LOGS=recompiles: the losses of the eager run, and one recompilation (the evaluation's no-grad
-    graph) for teacher-forced and closed-loop frames, the zero state, training and evaluation."""
+    TORCH_LOGS=recompiles: the losses of the eager run, and few recompilations (1 measured: the evaluation's
+    no-grad graph) for teacher-forced and closed-loop frames, the zero state, training and evaluation."""
     if shutil.which("g++") is None and shutil.which("c++") is None:
         pytest.skip("Inductor on CPU needs a C++ compiler")
     proc = subprocess.run([sys.executable, str(ROOT / "train.py"), *TINY, "--out", str(tmp_path), "--max-steps", "3",

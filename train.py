@@ -6,7 +6,8 @@
     python train.py --resume --out runs/mmnist [--lr 1e-5]  # continue exactly; the flags given apply
     python train.py --eval-only --ckpt FILE --data mmnist  # our checkpoint, or a state dict of the authors'
 
-Defaults per --data (P: the paper's Table 1, C: the authors' code; d_state 16, drop path 0.1, Adam):
+Options left out take the values saved in the checkpoint (--resume, --eval-only), else the defaults of --data
+(P: the paper's Table 1, C: the authors' code; d_state 16, drop path 0.1, Adam):
 
     data    model    depths   width  patch  frames  lr        batch  epochs  loss      schedule             amp (CUDA)
     mmnist  VMRNN-D  2 6 6 2  128 P  2 P    10->10  5e-5 P,C  8 P,C  2000 P  MSE+L1 C  constant C           fp16 C
@@ -83,12 +84,11 @@ def number(kind, low, high=math.inf, above=False):
 
 def build_parser():
     positive, per_data = number(int, 1), "(default: per --data)"
-    p = Parser(description="Train or evaluate VMRNN. Options left out take the values saved in the checkpoint "
-                           "(--resume, --eval-only), else the defaults of --data (the table in train.py).")
+    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add = p.add_argument
     add("--data", choices=sorted(PRESETS), help="dataset")
-    add("--data-dir", default="data", help="where the dataset files are (default: %(default)s)")
-    add("--digits-file", help="mmnist: train on this MNIST idx file, its last 30%% held out (NOT the paper's data)")
+    add("--data-dir", type=os.path.abspath, default="data", help="dataset folder (default: %(default)s)")
+    add("--digits-file", type=os.path.abspath, help="mmnist: digits of this idx file, 30%% held out (NOT the paper's)")
     add("--image-size", type=positive, help=f"mmnist canvas, kth resize, shapes size {per_data}")
     add("--input-frames", type=positive, help=f"frames the model sees {per_data}")
     add("--output-frames", type=positive, help=f"frames it predicts {per_data}")
@@ -110,7 +110,7 @@ def build_parser():
     add("--compile", action=argparse.BooleanOptionalAction, default=False, help="torch.compile every SS2D")
     add("--checkpoint-steps", action=argparse.BooleanOptionalAction, default=False, help="less memory, more time")
     add("--num-workers", type=number(int, 0), help=f"data-loading processes {per_data}")
-    add("--out", help="run folder (default: runs/DATA)")
+    add("--out", help="run folder (default: runs/DATA; runs/DATA-eval for --eval-only)")
     add("--resume", action="store_true", help="continue the run in --out from its ckpt_last.pt")
     add("--save-every", type=number(int, 0), default=500, help="save every N steps, 0 = off (default: %(default)s)")
     add("--save-minutes", type=number(float, 0), default=10.0, help="and every M minutes (default: %(default)s)")
@@ -148,11 +148,10 @@ def parse_args(argv=None):
     if data is None:
         fail("--data is required")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    parser.set_defaults(**PRESETS[data] | ({} if device.startswith("cuda") else {"amp": "none"}))
-    parser.set_defaults(**saved)                    # the run's own values, over the dataset's
+    parser.set_defaults(**PRESETS[data] | saved)    # the run's own values, over the dataset's
+    if not device.startswith("cuda") and parser.get_default("amp") == "fp16":
+        parser.set_defaults(amp="none")             # fp16 with a gradient scaler is for CUDA: elsewhere, when typed
     cfg = vars(parser.parse_args(argv)) | {"device": device}
-    for key in ("data_dir", "digits_file"):         # absolute, so that a run resumes from any folder
-        cfg[key] = cfg[key] and os.path.abspath(cfg[key])
     for key in FIXED_ON_RESUME if args.resume else ():
         if cfg[key] != saved.get(key, cfg[key]):    # differs from the default it had: typed
             flag = "--" + key.replace("_", "-")
@@ -162,19 +161,18 @@ def parse_args(argv=None):
         torch.empty(0, device=device)
     except Exception as e:
         fail(f"--device {device}: {e!r:.200}; use --device cpu")
-    if len(cfg["depths"]) != 1 if cfg["model"] == "vmrnn-b" else len(cfg["depths"]) % 2:
+    n_depths = len(cfg["depths"])
+    if n_depths != 1 if cfg["model"] == "vmrnn-b" else n_depths % 2 == 1:
         fail(f"--depths: vmrnn-b takes one number, vmrnn-d an even count (down, then up: 2 6 6 2), not {cfg['depths']}")
-    if not args.eval_only:
-        cfg["out"] = cfg["out"] or f"runs/{data}"
-        if not args.resume and (Path(cfg["out"]) / "ckpt_last.pt").exists():
-            fail(f"{cfg['out']} already holds a run: pass --resume to continue it, or choose another --out")
+    cfg["out"] = cfg["out"] or f"runs/{data}" + ("-eval" if args.eval_only else "")
+    if not (args.resume or args.eval_only) and (Path(cfg["out"]) / "ckpt_last.pt").exists():
+        fail(f"{cfg['out']} already holds a run: pass --resume to continue it, or choose another --out")
     return cfg, ckpt
 
 
 # Compiling, schedule, metrics, files --------------------------------------------------------------------------------
 def compile_ss2d(model, device):
-    """--compile: torch.compile every SS2D (a graph per width, and one for evaluation; the scan is one custom op in
-    it). Where compiling cannot work, one warning and eager."""
+    """--compile: torch.compile every SS2D (the scan is one custom op in it); where it cannot work, a warning."""
     try:
         torch.compile(torch.mul, fullgraph=True)(torch.ones(2, device=device), 2)
     except Exception as e:                          # no C++ compiler, no Triton, an old torch or device
@@ -212,6 +210,7 @@ def frame_metrics(pred, target):
 def atomic_write(path, write):
     """write(a temporary file), then rename it to path: path is the old file or the whole new one, never half."""
     tmp = path.with_name(f".{path.name}.tmp")
+    path.parent.mkdir(parents=True, exist_ok=True)
     try:
         write(tmp)
         os.replace(tmp, path)
@@ -235,17 +234,23 @@ def write_samples(path, frames, pred, t_in, with_error=False):
 
 
 # Data, evaluation, checkpoints -------------------------------------------------------------------------------------
+def quiet_worker(worker_id):
+    """A DataLoader worker ignores SIGINT and SIGTERM sent to its process group: the main process saves, ends it."""
+    for s in STOP_SIGNALS:
+        signal.signal(s, signal.SIG_IGN)
+
+
 @torch.no_grad()
 def evaluate(model, val, cfg, ctx, device, label="eval", rank=0, world=1):
     """Prints and returns the metrics of the last t_out frames of the first --val-samples validation sequences, per
-    frame averaged over the sequences, then over the frames (under torchrun rank r scores every world-th sequence),
-    and (frames, pred) of 3 sequences. A partial batch is padded (not scored): a compiled model meets one size."""
+    frame averaged over the sequences, then over the frames (under torchrun rank r scores every world-th sequence);
+    writes 3 of them to samples.png. A partial batch is padded (not scored): a compiled model meets one size."""
     model.eval()
     t_in, t_out, b = val.input_frames, val.output_frames, cfg["batch_size"]
     n = min(cfg["val_samples"] or len(val), len(val))
-    loader = DataLoader(val, b, sampler=range(rank, n, world), num_workers=cfg["num_workers"])
     sums, first = torch.zeros(len(METRICS) + 1, t_out, dtype=torch.float64), None
-    for frames in loader:
+    for frames in DataLoader(val, b, sampler=range(rank, n, world), num_workers=cfg["num_workers"],
+                             worker_init_fn=quiet_worker):
         k = len(frames)
         padded = torch.cat([frames, frames[-1:].expand(b - k, *frames.shape[1:])]).to(device)
         with ctx:
@@ -262,7 +267,8 @@ def evaluate(model, val, cfg, ctx, device, label="eval", rank=0, world=1):
     if rank == 0:
         print(f"{label}: MSE {m['mse']:.4f}  MAE {m['mae']:.4f}  SSIM {m['ssim']:.4f} (data_range 2, as published) "
               f"{m['ssim_dr1']:.4f} (data_range 1)  PSNR {m['psnr']:.2f} dB  [{m['sequences']} sequences]", flush=True)
-    return m | {"mse_per_frame": per_frame[0]}, first
+        write_samples(Path(cfg["out"]) / "samples.png", *first, t_in, with_error=cfg["data"] == "taxibj")
+    return m | {"mse_per_frame": per_frame[0]}
 
 
 # The run -----------------------------------------------------------------------------------------------------------
@@ -284,9 +290,7 @@ def run(cfg, ckpt):
     try:
         train, val = build_datasets(cfg["data"], cfg["data_dir"], seed=cfg["seed"],
                                     **{k: cfg[k] for k in DATA_FLAGS if cfg[k] is not None})
-    except DataError as e:
-        fail(e)
-    except ValueError as e:                         # an option that does not apply to this dataset
+    except (DataError, ValueError) as e:            # ValueError: an option that does not apply to this dataset
         fail(f"--data {cfg['data']}: {e}")
     cfg["input_frames"], cfg["output_frames"] = t_in, t_out = train.input_frames, train.output_frames
     log(f"train: {train.describe()}\nval:   {val.describe()}")
@@ -302,7 +306,7 @@ def run(cfg, ckpt):
         f"{sum(p.numel() for p in model.parameters()):,} parameters; {device}, amp {cfg['amp']}, {world} process(es)")
     if cfg["compile"]:
         compile_ss2d(model, device)
-    out, with_error = cfg["out"] and Path(cfg["out"]), cfg["data"] == "taxibj"
+    out = Path(cfg["out"])
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg["lr"])
     step = saved_step = 0                           # optimiser steps done; the step that ckpt_last.pt holds
     if ckpt is not None:                            # the weights (ours or the authors'); with --resume, the rest
@@ -318,11 +322,14 @@ def run(cfg, ckpt):
             fix = "restore it from a copy" if cfg["resume"] else "pass the model's flags: --model, --depths, ..."
             fail(f"{path} does not fit this model ({type(e).__name__}: {str(e).split('; check ')[0][:200]}); {fix}")
     if cfg["eval_only"]:
-        metrics, first = evaluate(model, val, cfg, ctx, device, f"eval of {cfg['ckpt']}", rank, world)
-        if rank == 0 and out:
-            out.mkdir(parents=True, exist_ok=True)
-            write_samples(out / "samples.png", *first, t_in, with_error)
+        metrics = evaluate(model, val, cfg, ctx, device, f"eval of {cfg['ckpt']}", rank, world)
         return {"metrics": metrics, "model": model}
+    steps_per_epoch = len(train) // (world * cfg["batch_size"])
+    if steps_per_epoch == 0:
+        fail(f"{len(train)} training sequences make no batch of {cfg['batch_size']} per process")
+    total = min(cfg["epochs"] * steps_per_epoch, cfg["max_steps"] or math.inf)
+    if step >= total:
+        fail(f"the run in {out} has done its {total} steps: raise --epochs or --max-steps to train on")
     net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if ddp else model
     log_row = lambda row: None
     if rank == 0:                                   # log.csv: a row per progress line and per evaluation
@@ -335,10 +342,6 @@ def run(cfg, ckpt):
         log_row = log_csv.writerow
 
     # The loop: rollout -> loss -> step -> log -> evaluate -> save. Epoch e is the steps e*E+1 .. (e+1)*E.
-    steps_per_epoch = len(train) // (world * cfg["batch_size"])
-    if steps_per_epoch == 0:
-        fail(f"{len(train)} training sequences make no batch of {cfg['batch_size']} per process")
-    total = min(cfg["epochs"] * steps_per_epoch, cfg["max_steps"] or math.inf)
     resume = f"{'python' if world == 1 else f'torchrun --nproc_per_node={world}'} train.py --resume --out {out}"
     lower = f"--lr {cfg['lr'] / 10:g} --grad-clip 1" + (" --amp none" if cfg["amp"] != "none" else "")
     stop = []                                       # the signal that asked the run to stop
@@ -356,7 +359,6 @@ def run(cfg, ckpt):
     tick = last_save = time.time()
     first_step = tick_step = step
     loss_sum, metrics = 0.0, None
-    net.train()
     try:
         while step < total:
             epoch, done = divmod(step, steps_per_epoch)
@@ -367,7 +369,8 @@ def run(cfg, ckpt):
             sampler.set_epoch(epoch)
             b = cfg["batch_size"]
             for frames in DataLoader(train, b, sampler=list(sampler)[done * b:steps_per_epoch * b],
-                                     num_workers=cfg["num_workers"], pin_memory=device.type == "cuda"):
+                                     num_workers=cfg["num_workers"], worker_init_fn=quiet_worker,
+                                     pin_memory=device.type == "cuda"):
                 frames = frames.to(device, non_blocking=True)           # (b, t_in + t_out, c, h, w)
                 torch.manual_seed((cfg["seed"] * 1_000_003 + step) * world + rank)  # drop path, resumable
                 with ctx:
@@ -383,7 +386,8 @@ def run(cfg, ckpt):
                 scaler.step(optimizer)
                 scaler.update()
                 step, now = step + 1, time.time()
-                loss, late, stopping = loss.item(), 0 < cfg["save_minutes"] * 60 <= now - last_save, bool(stop)
+                loss, stopping = loss.item(), bool(stop)
+                late = 0 < cfg["save_minutes"] * 60 <= now - last_save        # time for a timed save
                 if ddp:                                 # every rank logs, saves and stops at the same step
                     agreed = torch.tensor([loss, late, stopping], device=device)
                     dist.all_reduce(agreed)
@@ -403,13 +407,9 @@ def run(cfg, ckpt):
                     tick, tick_step, loss_sum = now, step, 0.0
                 epoch_end, finished = step % steps_per_epoch == 0, step >= total
                 if not stopping and (finished or epoch_end and (epoch + 1) % cfg["eval_every"] == 0):
-                    metrics, first = evaluate(model, val, cfg, ctx, device, f"eval at step {step}", rank, world)
-                    if not math.isfinite(metrics["mse"]):
-                        diverged(f"the validation MSE is {metrics['mse']}")
+                    metrics = evaluate(model, val, cfg, ctx, device, f"eval at step {step}", rank, world)
                     log_row(dict(kind="eval", step=step, epoch=epoch, **metrics))
-                    if rank == 0:
-                        write_samples(out / "samples.png", *first, t_in, with_error)
-                    tick = time.time()                      # throughput counts training only
+                    tick += time.time() - now               # throughput counts training only
                 if stopping or finished or epoch_end or late or cfg["save_every"] and step % cfg["save_every"] == 0:
                     if not all(torch.isfinite(p).all() for p in model.parameters()):   # never over a good one
                         diverged("the weights are not finite")
@@ -442,8 +442,8 @@ def main(argv=None):
         raise SystemExit("error: interrupted; the checkpoints already in the run folder are intact") from None
     finally:
         if dist.is_initialized():
-            gc.collect()    # DDP's reference cycles would otherwise free the process group at interpreter exit,
-            dist.destroy_process_group()            # where gloo's threads can abort it (SIGABRT)
+            gc.collect()    # DDP's reference cycles, freed while the group lives: at exit, gloo may abort (SIGABRT)
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":
