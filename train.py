@@ -235,7 +235,7 @@ def write_samples(path, frames, pred, t_in, with_error=False):
 
 # Data, evaluation, checkpoints -------------------------------------------------------------------------------------
 def quiet_worker(worker_id):
-    """A DataLoader worker ignores SIGINT and SIGTERM sent to its process group: the main process saves, ends it."""
+    """A DataLoader worker ignores SIGINT and SIGTERM sent to its process group: they are the main process's."""
     for s in STOP_SIGNALS:
         signal.signal(s, signal.SIG_IGN)
 
