@@ -358,7 +358,7 @@ def run(cfg, ckpt):
     handlers = {s: signal.signal(s, on_signal) for s in STOP_SIGNALS}
     tick = last_save = time.time()
     first_step = tick_step = step
-    loss_sum, metrics = 0.0, None
+    loss_sum = 0.0
     try:
         while step < total:
             epoch, done = divmod(step, steps_per_epoch)
